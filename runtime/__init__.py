@@ -1,0 +1,17 @@
+"""hearth.runtime — model loading, checkpoints, the engine, scheduling, KV cache, sampling.
+
+Importing this package pulls in neither torch nor transformers: the llama.cpp path and the offline
+edge app run without them. The transformers backend imports them when it is constructed.
+"""
+
+from .engine import Engine, EngineStats
+from .errors import (CapacityError, ContextLengthExceeded, EngineDeadError, HearthError, InvalidRequestError,
+                     ModelLoadError, ModelNotFoundError, UnsafeCheckpointError, UnsupportedModelError)
+from .types import CompletionResult, GenerationOutput, GenerationRequest, SamplingParams, TokenLogprob, Usage
+
+__all__ = [
+    "Engine", "EngineStats", "GenerationRequest", "GenerationOutput", "CompletionResult", "SamplingParams",
+    "TokenLogprob", "Usage", "HearthError", "InvalidRequestError", "ContextLengthExceeded",
+    "ModelNotFoundError", "ModelLoadError", "UnsafeCheckpointError", "UnsupportedModelError",
+    "EngineDeadError", "CapacityError",
+]
