@@ -1,0 +1,63 @@
+"""The `hearth` command line.
+
+    hearth models prepare | list
+    hearth generate --prompt "Hello" [--model PATH] [--backend llamacpp|transformers]
+    hearth chat [--model PATH]
+    hearth plan MODEL --device rtx3090 --context 4096 --concurrency 8 --quant int4
+    hearth bench engine --json out.json
+
+Each command group lives in its own module with `add_parser(subparsers)`; this file only dispatches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# command name -> module (relative to hearth.clients) that defines add_parser(subparsers)
+COMMANDS = {
+    "models": "cmd_models",
+    "generate": "cmd_generate",
+    "chat": "cmd_generate",
+    "plan": "cmd_plan",
+    "bench": "cmd_bench",
+    "serve": "cmd_serve",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hearth", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    seen: set[str] = set()
+    for name, module in COMMANDS.items():
+        if module in seen:
+            continue
+        seen.add(module)
+        try:
+            mod = importlib.import_module(f"hearth.clients.{module}")
+        except ModuleNotFoundError as e:
+            if e.name == f"hearth.clients.{module}":
+                continue  # not written yet
+            raise
+        mod.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from hearth.runtime.errors import HearthError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except HearthError as e:
+        print(f"hearth: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
