@@ -231,12 +231,11 @@ class Engine:
                 raise CapacityError(f"the engine queue is full ({self.max_queue} waiting sequences)")
             seqs = []
             for i in range(p.n):
-                params = p if p.n == 1 or p.seed is None else _with_seed(p, p.seed + i)
                 seq = Sequence(next(self._seq_ids), request.request_id, i, ids, p.max_tokens,
                                prompt_logprobs=p.prompt_logprobs is not None,
                                wait_for=seqs[0] if seqs else None)
-                seq.state = _SeqState(params, SamplerState(params, ids),
-                                      StreamingDetokenizer(self.tokenizer.decode, params.stop, ids), sink)
+                seq.state = _SeqState(p, SamplerState(p, ids, index=i),
+                                      StreamingDetokenizer(self.tokenizer.decode, p.stop, ids), sink)
                 seqs.append(seq)
             self._by_request[request.request_id] = seqs
             self._incoming.extend(seqs)
@@ -373,8 +372,3 @@ class Engine:
         seqs = self._by_request.get(s.request_id, [])
         if all(x.state.finished for x in seqs):
             self._by_request.pop(s.request_id, None)
-
-
-def _with_seed(p: SamplingParams, seed: int) -> SamplingParams:
-    from dataclasses import replace
-    return replace(p, seed=seed)

@@ -272,3 +272,19 @@ def test_bad_input_errors(engine):
     assert "600" in str(e.value) and "512" in str(e.value)
     with pytest.raises(InvalidRequestError, match="vocabulary"):
         engine.generate_sync(GenerationRequest(prompt_token_ids=[10**7], params=greedy(4)))
+
+
+@pytest.mark.parametrize("quant", ["int8", "nf4"])
+def test_bitsandbytes_quantized_model_equals_its_hf_generate(tmp_path, quant):
+    path = build_tiny_model(tmp_path / "m", hidden_size=128, intermediate_size=256)
+    eng = make_engine(path, quantization=quant, kv_cache_gb=0.02)
+    try:
+        import bitsandbytes as bnb
+        q_proj = eng.backend.model.model.layers[0].self_attn.q_proj
+        assert isinstance(q_proj, (bnb.nn.Linear8bitLt, bnb.nn.Linear4bit))
+        ids = eng.tokenizer.encode("The quick brown fox")
+        ours = eng.generate_sync(GenerationRequest(prompt_token_ids=ids, params=greedy(12)))[0]
+        eng.backend.model.generation_config.eos_token_id = None
+        assert ours.token_ids == hf_greedy(eng.backend.model, ids, 12)
+    finally:
+        eng.shutdown()
