@@ -51,7 +51,8 @@ class HFTokenizer:
         return list(self._tok.encode(text, add_special_tokens=add_special_tokens))
 
     def decode(self, ids: Sequence[int]) -> str:
-        return self._tok.decode(list(ids), skip_special_tokens=True)
+        # no space clean-up: streamed text must never be rewritten once later tokens arrive
+        return self._tok.decode(list(ids), skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
     def apply_chat_template(self, messages: list[dict], tools: list[dict] | None = None,
                             add_generation_prompt: bool = True) -> str:
