@@ -86,11 +86,11 @@ class TransformersBackend:
 
         if num_threads:
             torch.set_num_threads(num_threads)
-        info = inspect_checkpoint(model_path, allow_pickle=allow_pickle)
+        info = inspect_checkpoint(model_path, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
         path = Path(model_path)
         kwargs: dict = {}
-        if info.format == "gguf":
-            load_dir, kwargs["gguf_file"] = str(path.parent), path.name
+        if info.format == "gguf":  # dequantized into torch weights by transformers
+            load_dir, kwargs["gguf_file"] = str(info.model_file.parent), info.model_file.name
         else:
             load_dir = str(path)
             cfg = json.loads((path / "config.json").read_text())
@@ -116,9 +116,10 @@ class TransformersBackend:
         if device_map is not None:
             kwargs["device_map"] = device_map
         try:
+            safetensors_only = info.format == "hf-safetensors" and not allow_pickle
             model = AutoModelForCausalLM.from_pretrained(
                 load_dir, dtype=torch_dtype, trust_remote_code=trust_remote_code,
-                use_safetensors=None if allow_pickle else (info.format != "gguf" or None), **kwargs)
+                use_safetensors=True if safetensors_only else None, **kwargs)
             tok = AutoTokenizer.from_pretrained(load_dir, trust_remote_code=trust_remote_code,
                                                 **({"gguf_file": kwargs["gguf_file"]} if "gguf_file" in kwargs else {}))
         except (OSError, ValueError) as e:
