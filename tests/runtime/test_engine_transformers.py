@@ -288,3 +288,26 @@ def test_bitsandbytes_quantized_model_equals_its_hf_generate(tmp_path, quant):
         assert ours.token_ids == hf_greedy(eng.backend.model, ids, 12)
     finally:
         eng.shutdown()
+
+
+def test_bad_model_paths_fail_clearly(tmp_path, tiny_llama):
+    import shutil
+
+    from hearth.runtime import ModelLoadError, ModelNotFoundError, UnsafeCheckpointError
+
+    missing = tmp_path / "no-such-model"
+    with pytest.raises(ModelNotFoundError, match="no-such-model"):
+        Engine.from_model(str(missing))
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(tiny_llama, corrupt)
+    data = (corrupt / "model.safetensors").read_bytes()
+    (corrupt / "model.safetensors").write_bytes(data[: len(data) // 2])  # truncated download
+    with pytest.raises(ModelLoadError, match="model.safetensors"):
+        TransformersBackend(corrupt, device="cpu")
+    pickled = tmp_path / "pickled"
+    shutil.copytree(tiny_llama, pickled)
+    (pickled / "model.safetensors").unlink()
+    state = {"w": torch.zeros(2)}
+    torch.save(state, pickled / "pytorch_model.bin")
+    with pytest.raises(UnsafeCheckpointError, match="allow"):
+        TransformersBackend(pickled, device="cpu")
