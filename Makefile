@@ -10,7 +10,7 @@ HOST   ?= 127.0.0.1
 PORT   ?= 8000
 # llama.cpp is built from source for this CPU; CUDA builds set CMAKE_ARGS="-DGGML_CUDA=on".
 export CMAKE_ARGS ?= -DGGML_NATIVE=ON
-export GPTQMODEL_CPU_WORKERS ?= 1
+export GPTQMODEL_CPU_WORKERS ?= 2
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 .PHONY: install run test test-fast bench clean

@@ -5,6 +5,9 @@ We keep HF's modules (embeddings, norms, q/k/v/o projections, MLPs, rotary embed
 every quantized Linear works unchanged, and own only the attention read/write against the paged
 cache. That is what lets many sequences of different lengths, prefill chunks and decode steps alike,
 share one forward pass. LLaMA-family decoders only; others fail with the supported list.
+
+GPTQ needs no flag: a checkpoint whose config.json carries a GPTQ quantization_config loads through
+transformers' GPTQ integration (optimum + gptqmodel kernels; on CPU, any dtype: the kernel runs in bf16).
 """
 
 from __future__ import annotations
@@ -122,7 +125,7 @@ class TransformersBackend:
                 use_safetensors=True if safetensors_only else None, **kwargs)
             tok = AutoTokenizer.from_pretrained(load_dir, trust_remote_code=trust_remote_code,
                                                 **({"gguf_file": kwargs["gguf_file"]} if "gguf_file" in kwargs else {}))
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, ImportError) as e:  # ImportError: a quantization library is missing
             raise ModelLoadError(f"cannot load model from {model_path}: {e}") from e
         if device_map is None and "quantization_config" not in kwargs and not getattr(model, "hf_device_map", None):
             model.to(self.device)
