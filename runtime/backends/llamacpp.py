@@ -138,8 +138,12 @@ class LlamaCppKV:
     their logits would drift from a run alone (up to ~0.6 on the default model)."""
 
     def __init__(self, memory: object, n_ctx: int, n_seq_max: int, prefix_cache: bool = True,
-                 defer_release: bool = True):
+                 defer_release: bool = True, cache_budget: int | None = None):
         self._mem = memory
+        # Cells that cached prefixes may hold beyond what active sequences use. llama.cpp's attention
+        # spans every occupied cell of the shared pool, so a pool full of old prefixes slows every
+        # later decode step (measured: 0.68x single-stream speed with 4043 of 4096 cells cached).
+        self.cache_budget = n_ctx // 4 if cache_budget is None else cache_budget
         self.defer_release = defer_release
         self.n_ctx = n_ctx
         self.n_seq_max = n_seq_max
@@ -240,6 +244,7 @@ class LlamaCppKV:
                     break
                 if common == len(other.tokens):  # made redundant by this longer one
                     self._retire(other)
+            self._trim_cache()
         if not self._active:
             for r in list(self._retired):
                 self._drop(r)
@@ -359,6 +364,17 @@ class LlamaCppKV:
             self._retired.remove(seq)
         del self._by_lid[seq.lid]
         self._free_lids.append(seq.lid)
+
+    def _trim_cache(self) -> None:
+        """Retire least recently used prefixes while they hold more than the budget of cells
+        that no active sequence shares."""
+        while len(self._cached) > 1:
+            active = {s.lid for s in self._active.values()}
+            runs = {id(r): r for s in self._cached.values() for r in s.runs}
+            held = sum(r.end - r.start for r in runs.values() if not r.holders & active)
+            if held <= self.cache_budget:
+                return
+            self._retire(next(iter(self._cached.values())))
 
     def _evict_one(self, keep: _Seq | None = None) -> bool:
         for cand in (*self._retired, *self._cached.values()):

@@ -314,3 +314,19 @@ print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout.strip().splitlines()[-1]) == []
+
+
+def test_cached_prefixes_stay_within_their_cell_budget(smollm_gguf):
+    """Old prefixes must not fill the shared pool: attention spans every occupied cell."""
+    with LlamaCppBackend(smollm_gguf, n_ctx=1024, n_seq_max=16, n_threads=2) as be:
+        kv = be.kv
+        assert kv.cache_budget == 256
+        for i in range(8):  # eight distinct 100-token prompts, each finished and cached
+            ids = be.tokenizer.encode(f"Document {i}: " + "tea and biscuits " * 30)[:100]
+            kv.allocate(i, len(ids))
+            be.forward([SeqWork(i, ids, 0)])
+            kv.free(i, ids)
+        assert kv.num_active() == 0
+        assert 0 < kv.num_cached() <= 3
+        assert kv.used_cells() <= kv.cache_budget + 100
+        assert kv.orphaned_kv() == {}
