@@ -1,0 +1,75 @@
+"""`hearth bench`: the benchmarks in the repository's bench/ folder, run from the CLI.
+
+    hearth bench engine --json out.json [--threads 2] [--quick] [--backends llamacpp,transformers]
+
+The benchmarks are not part of the installed package: they are loaded from `bench/<name>.py` in
+the source tree beside this package (a git checkout or an editable install). Each one defines
+`add_arguments(parser)` and `run(args)`, and `main(argv)` for `python bench/<name>.py`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+# sub-command -> (file in bench/, help)
+BENCHMARKS = {
+    "engine": ("engine.py", "engine vs raw llama-cpp-python / HF generate: decode, concurrency, prefix cache, "
+                            "memory bandwidth"),
+}
+
+
+def bench_dir() -> Path:
+    import hearth.clients
+
+    return Path(hearth.clients.__file__).resolve().parents[1] / "bench"
+
+
+def load_benchmark(file_name: str) -> ModuleType:
+    """Import bench/<file_name> from the source tree; FileNotFoundError names where it was looked for."""
+    path = bench_dir() / file_name
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"benchmark {path} not found: `hearth bench` runs the bench/ folder of a source checkout "
+            f"(git clone + `pip install -e .`); this installation has none")
+    name = f"hearth_bench_{path.stem}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while the file executes
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(name, None)
+        raise
+    return module
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    bench = subparsers.add_parser("bench", help="run a benchmark from the repository's bench/ folder",
+                                  description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = bench.add_subparsers(dest="bench_command", metavar="BENCHMARK")
+    sub.required = True
+    for command, (file_name, help_text) in BENCHMARKS.items():
+        try:
+            module = load_benchmark(file_name)
+        except Exception as e:  # the other commands must keep working; say why when this one is asked for
+            # '+' as the only prefix character makes every word, `--quick` too, a plain argument
+            p = sub.add_parser(command, help=help_text, add_help=False, prefix_chars="+")
+            p.add_argument("ignored", nargs="*")
+            p.set_defaults(func=_unavailable(command, e))
+            continue
+        p = sub.add_parser(command, help=help_text, description=module.__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.add_arguments(p)
+        p.set_defaults(func=module.run)
+
+
+def _unavailable(command: str, error: Exception):
+    def run(args: argparse.Namespace) -> int:
+        print(f"hearth: error: cannot run `hearth bench {command}`: {type(error).__name__}: {error}",
+              file=sys.stderr)
+        return 2
+    return run
