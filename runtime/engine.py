@@ -284,7 +284,7 @@ class Engine:
         for it in items:
             s = it.seq
             start, end = s.num_computed, s.num_computed + it.num_tokens
-            all_logits = s.prompt_logprobs and s.state.prompt_lp is None and not s.preempted
+            all_logits = s.prompt_logprobs and s.state.prompt_lp is None
             work.append(SeqWork(s.seq_id, s.token_slice(start, end), start, all_logits=all_logits,
                                 need_logits=end == s.num_tokens or all_logits))
         logits = self.backend.forward(work)
@@ -312,7 +312,7 @@ class Engine:
 
     def _collect_prompt_logprobs(self, s: Sequence, w: SeqWork, lg: np.ndarray) -> None:
         st = s.state
-        if st.plp_acc is None:
+        if st.plp_acc is None or w.start_pos == 0:  # (re)started, e.g. after a preemption
             st.plp_acc = [None]  # the first prompt token has no logprob
         acc = st.plp_acc
         n_prompt = len(s.prompt_ids)

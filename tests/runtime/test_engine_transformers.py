@@ -311,3 +311,38 @@ def test_bad_model_paths_fail_clearly(tmp_path, tiny_llama):
     torch.save(state, pickled / "pytorch_model.bin")
     with pytest.raises(UnsafeCheckpointError, match="allow"):
         TransformersBackend(pickled, device="cpu")
+
+
+def test_scoring_request_preempted_mid_prefill_still_returns_prompt_logprobs(tiny_llama, engine):
+    """A growing generation preempts an echo/scoring request halfway through its prompt: the
+    recomputed prompt must still come back whole, with no sampled token."""
+    scored = engine.tokenizer.encode(" ".join(PROMPTS))[:40]
+    ref = engine.generate_sync(GenerationRequest(
+        prompt_token_ids=scored, params=SamplingParams(max_tokens=0, prompt_logprobs=0)))[0]
+    # 5 blocks of 16 tokens; 4 tokens per step so the scoring prompt takes many steps to prefill
+    eng = make_engine(tiny_llama, kv_cache_gb=80 * 512 / 2**30, max_num_batched_tokens=4)
+    try:
+        import queue
+        gen_ids = engine.tokenizer.encode(" ".join(PROMPTS) * 2)[:20]
+        gen_req = GenerationRequest(prompt_token_ids=gen_ids, params=greedy(60))
+        score_req = GenerationRequest(prompt_token_ids=scored,
+                                      params=SamplingParams(max_tokens=0, prompt_logprobs=0))
+        gen_q, score_q = queue.Queue(), queue.Queue()
+        with eng._cv:  # both arrive before the loop's next step: the schedule is deterministic
+            eng._submit(gen_req, gen_q.put)
+            eng._submit(score_req, score_q.put)
+        res = score_q.get(timeout=120)
+        gen_tokens = []
+        while True:
+            item = gen_q.get(timeout=120)
+            gen_tokens.extend(item.token_ids)
+            if item.finish_reason:
+                break
+        assert eng.scheduler.num_preemptions > 0
+        assert res.token_ids == [] and res.finish_reason == "length"
+        assert len(res.prompt_logprobs) == len(scored)
+        for a, b in zip(res.prompt_logprobs[1:], ref.prompt_logprobs[1:]):
+            assert abs(a.logprob - b.logprob) < 1e-4
+        assert len(gen_tokens) == 60
+    finally:
+        eng.shutdown()
