@@ -141,10 +141,11 @@ class Engine:
             self._aborts.add(request_id)
             self._cv.notify()
 
-    def stream_sync(self, request: GenerationRequest) -> Iterator[GenerationOutput]:
+    def stream_sync(self, request: GenerationRequest, _ids: list[int] | None = None
+                    ) -> Iterator[GenerationOutput]:
         """Blocking iterator over a request's outputs, for scripts and the terminal chat."""
         q: queue.Queue = queue.Queue()
-        remaining = self._submit(request, q.put)
+        remaining = self._submit(request, q.put, _ids)
         try:
             while remaining:
                 item = q.get()
@@ -161,7 +162,7 @@ class Engine:
         """Run a request to the end and return one result per choice (index order)."""
         results: dict[int, CompletionResult] = {}
         prompt_ids = self.encode_request(request)
-        for out in self.stream_sync(request):
+        for out in self.stream_sync(request, prompt_ids):
             r = results.setdefault(out.index, CompletionResult(
                 request.request_id, out.index, "", [], prompt_ids, None,
                 logprobs=[] if request.params.logprobs else None))
@@ -218,10 +219,11 @@ class Engine:
         return ids
 
     # ---- request intake (caller's thread) ---------------------------------------------------
-    def _submit(self, request: GenerationRequest, sink: Sink) -> int:
+    def _submit(self, request: GenerationRequest, sink: Sink, ids: list[int] | None = None) -> int:
         if self._dead is not None:
             raise EngineDeadError(f"the engine stopped: {self._dead!r}")
-        ids = self.encode_request(request)
+        if ids is None:
+            ids = self.encode_request(request)
         p = request.params
         with self._cv:
             if request.request_id in self._by_request:
