@@ -241,8 +241,9 @@ class TransformersBackend:
                 rows = dec_rows.to(d)
                 qd = q.index_select(0, rows).unsqueeze(2)  # (B, H, 1, D)
                 g = dec_gather.to(d)
-                kd = kc[g].transpose(1, 2).to(q.dtype)  # (B, Hkv, L, D)
-                vd = vc[g].transpose(1, 2).to(q.dtype)
+                shape = (*g.shape, Hkv, D)
+                kd = kc.index_select(0, g.view(-1)).view(shape).transpose(1, 2).to(q.dtype)  # (B, Hkv, L, D)
+                vd = vc.index_select(0, g.view(-1)).view(shape).transpose(1, 2).to(q.dtype)
                 o = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=dec_mask.to(d), scale=scale,
                                                    enable_gqa=H != Hkv)
                 out.index_copy_(0, rows, o.squeeze(2))
@@ -251,8 +252,8 @@ class TransformersBackend:
                 qp = q[a:b].transpose(0, 1)[None]  # (1, H, n, D)
                 if i in pre_ctx:
                     g, m = pre_ctx[i]
-                    kp = kc[g.to(d)].transpose(0, 1)[None].to(q.dtype)
-                    vp = vc[g.to(d)].transpose(0, 1)[None].to(q.dtype)
+                    kp = kc.index_select(0, g.to(d)).transpose(0, 1)[None].to(q.dtype)
+                    vp = vc.index_select(0, g.to(d)).transpose(0, 1)[None].to(q.dtype)
                     o = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=m.to(d), scale=scale,
                                                        enable_gqa=H != Hkv)
                 else:
