@@ -57,8 +57,10 @@ def _stream(engine, request) -> tuple[int, float]:
 
 
 def run_generate(args) -> int:
-    from hearth.runtime import GenerationRequest
+    from hearth.runtime import GenerationRequest, InvalidRequestError
 
+    if not args.prompt.strip():
+        raise InvalidRequestError("the prompt is empty", param="prompt")
     params = _params(args)  # validate before loading the model
     engine = _engine(args)
     try:
