@@ -341,9 +341,10 @@ def _build_hf_from_gguf(gguf_file: Path, out: Path) -> None:
 
     src_dir, src_name = gguf_file.parent, gguf_file.name
     _say(f"[1/3] loading tokenizer from {src_name} ...")
-    tokenizer = AutoTokenizer.from_pretrained(src_dir, gguf_file=src_name)
+    tokenizer = AutoTokenizer.from_pretrained(src_dir, gguf_file=src_name, local_files_only=True)
     _say(f"[2/3] dequantizing weights from {src_name} to float32 ...")
-    loaded = AutoModelForCausalLM.from_pretrained(src_dir, gguf_file=src_name, dtype=torch.float32)
+    loaded = AutoModelForCausalLM.from_pretrained(src_dir, gguf_file=src_name, dtype=torch.float32,
+                                                  local_files_only=True)
 
     # A GGUF-loaded model refuses save_pretrained; rebuild a plain model from its config and weights.
     config = loaded.config

@@ -91,7 +91,7 @@ class TransformersBackend:
             torch.set_num_threads(num_threads)
         info = inspect_checkpoint(model_path, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
         path = Path(model_path)
-        kwargs: dict = {}
+        kwargs: dict = {"local_files_only": True}  # never reach for a model hub
         if info.format == "gguf":  # dequantized into torch weights by transformers
             load_dir, kwargs["gguf_file"] = str(info.model_file.parent), info.model_file.name
         else:
@@ -123,7 +123,7 @@ class TransformersBackend:
             model = AutoModelForCausalLM.from_pretrained(
                 load_dir, dtype=torch_dtype, trust_remote_code=trust_remote_code,
                 use_safetensors=True if safetensors_only else None, **kwargs)
-            tok = AutoTokenizer.from_pretrained(load_dir, trust_remote_code=trust_remote_code,
+            tok = AutoTokenizer.from_pretrained(load_dir, trust_remote_code=trust_remote_code, local_files_only=True,
                                                 **({"gguf_file": kwargs["gguf_file"]} if "gguf_file" in kwargs else {}))
         except (OSError, ValueError, ImportError) as e:  # ImportError: a quantization library is missing
             raise ModelLoadError(f"cannot load model from {model_path}: {e}") from e
@@ -133,7 +133,7 @@ class TransformersBackend:
         self.model = model
         self.config = config
         try:
-            gen_cfg = GenerationConfig.from_pretrained(load_dir, **kwargs) if "gguf_file" not in kwargs \
+            gen_cfg = GenerationConfig.from_pretrained(load_dir, local_files_only=True) if "gguf_file" not in kwargs \
                 else model.generation_config
         except OSError:
             gen_cfg = model.generation_config
