@@ -125,11 +125,8 @@ class Engine:
         remaining = self._submit(request, lambda item: loop.call_soon_threadsafe(q.put_nowait, item))
         try:
             while remaining:
-                item = await q.get()
-                if isinstance(item, BaseException):
-                    raise item
-                if item.finish_reason is not None:
-                    remaining -= 1
+                item = _checked(await q.get())
+                remaining -= item.finish_reason is not None
                 yield item
         finally:
             if remaining:
@@ -148,11 +145,8 @@ class Engine:
         remaining = self._submit(request, q.put, _ids)
         try:
             while remaining:
-                item = q.get()
-                if isinstance(item, BaseException):
-                    raise item
-                if item.finish_reason is not None:
-                    remaining -= 1
+                item = _checked(q.get())
+                remaining -= item.finish_reason is not None
                 yield item
         finally:
             if remaining:
@@ -374,3 +368,10 @@ class Engine:
         seqs = self._by_request.get(s.request_id, [])
         if all(x.state.finished for x in seqs):
             self._by_request.pop(s.request_id, None)
+
+
+def _checked(item: object) -> GenerationOutput:
+    """An item from a request's output queue: outputs pass through, an engine error is raised."""
+    if isinstance(item, BaseException):
+        raise item
+    return item

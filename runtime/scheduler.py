@@ -112,8 +112,9 @@ class Scheduler:
         skipped: list[Sequence] = []
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting.popleft()
-            if seq.wait_for is not None and seq.wait_for.num_computed < len(seq.wait_for.prompt_ids) \
-                    and seq.wait_for.state is not None and not getattr(seq.wait_for.state, "finished", False):
+            first = seq.wait_for
+            if first is not None and first.num_computed < len(first.prompt_ids) \
+                    and first.state is not None and not first.state.finished:
                 skipped.append(seq)
                 continue
             ids = seq.token_slice(0, seq.num_tokens)
