@@ -7,11 +7,12 @@ edge app run without them. The transformers backend imports them when it is cons
 from .engine import Engine, EngineStats
 from .errors import (CapacityError, ContextLengthExceeded, EngineDeadError, HearthError, InvalidRequestError,
                      ModelLoadError, ModelNotFoundError, UnsafeCheckpointError, UnsupportedModelError)
-from .types import CompletionResult, GenerationOutput, GenerationRequest, SamplingParams, TokenLogprob, Usage
+from .types import (CompletionResult, GenerationOutput, GenerationRequest, GuidedDecoding, SamplingParams,
+                    TokenLogprob, Usage)
 
 __all__ = [
     "Engine", "EngineStats", "GenerationRequest", "GenerationOutput", "CompletionResult", "SamplingParams",
-    "TokenLogprob", "Usage", "HearthError", "InvalidRequestError", "ContextLengthExceeded",
+    "GuidedDecoding", "TokenLogprob", "Usage", "HearthError", "InvalidRequestError", "ContextLengthExceeded",
     "ModelNotFoundError", "ModelLoadError", "UnsafeCheckpointError", "UnsupportedModelError",
     "EngineDeadError", "CapacityError",
 ]

@@ -26,6 +26,7 @@ import numpy as np
 from .backends.base import Backend, SeqWork
 from .detokenizer import StreamingDetokenizer
 from .errors import CapacityError, ContextLengthExceeded, EngineDeadError, HearthError, InvalidRequestError
+from .guided import compiler_for
 from .sampling import SamplerState, prompt_logprobs, sample
 from .scheduler import Scheduler, Sequence
 from .types import (CompletionResult, GenerationOutput, GenerationRequest, SamplingParams, TokenLogprob,
@@ -189,8 +190,16 @@ class Engine:
         self._thread.join(timeout=30)
         self.backend.close()
 
+    def token_bytes(self, ids: list[int]) -> list[bytes]:
+        """The raw bytes of each token (a multi-byte character may span tokens): b"".join of them
+        decodes to the text `tokenizer.decode(ids)` gives. Special tokens give b"" (decode skips them)."""
+        return [self.tokenizer.token_bytes(int(t)) for t in ids]
+
     def encode_request(self, request: GenerationRequest) -> list[int]:
-        """The prompt token ids the request stands for (chat template applied), validated."""
+        """The prompt token ids the request stands for (chat template applied), validated
+        (a guided request's grammar is compiled too, so a bad one fails here)."""
+        if request.params.guided is not None:
+            compiler_for(self.tokenizer).check(request.params.guided)
         tok = self.tokenizer
         if request.prompt_token_ids is not None:
             ids = list(request.prompt_token_ids)
@@ -219,6 +228,8 @@ class Engine:
         if ids is None:
             ids = self.encode_request(request)
         p = request.params
+        # one grammar matcher per choice, compiled here so a bad grammar fails before anything streams
+        guides = compiler_for(self.tokenizer).matchers(p.guided, p.n) if p.guided is not None else [None] * p.n
         with self._cv:
             if request.request_id in self._by_request:
                 raise InvalidRequestError(f"request id {request.request_id!r} is already running",
@@ -230,7 +241,7 @@ class Engine:
                 seq = Sequence(next(self._seq_ids), request.request_id, i, ids, p.max_tokens,
                                prompt_logprobs=p.prompt_logprobs is not None,
                                wait_for=seqs[0] if seqs else None)
-                seq.state = _SeqState(p, SamplerState(p, ids, index=i),
+                seq.state = _SeqState(p, SamplerState(p, ids, index=i, guide=guides[i]),
                                       StreamingDetokenizer(self.tokenizer.decode, p.stop, ids), sink)
                 seqs.append(seq)
             self._by_request[request.request_id] = seqs
@@ -335,6 +346,13 @@ class Engine:
             delta = st.detok.add([tok])
             if st.detok.stop_matched is not None:
                 finish, reason = "stop", st.detok.stop_matched
+        guide = st.sampler.guide
+        if guide is not None and (guide.error is not None or tok in self.tokenizer.eos_token_ids):
+            if guide.error is not None:  # never seen in practice: end the choice, keep the engine alive
+                log.warning("guided decoding of request %s failed at output token %d: %s; finishing it",
+                            s.request_id, len(s.output_ids), guide.error)
+            if finish is None:  # EOS under ignore_eos: the grammar allows nothing after it
+                finish = "stop"
         if finish is None and (len(s.output_ids) >= s.max_tokens or s.num_tokens >= self.max_model_len):
             finish = "length"
         if finish is not None and not isinstance(reason, str):  # a stop string already cut the text

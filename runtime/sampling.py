@@ -8,8 +8,9 @@ sequence and calls `sample` once per decode step with the (B, V) logits of the w
     for state, tok in zip(states, tokens):
         state.append(tok)
 
-Order per row: repetition penalty -> presence/frequency penalty -> logit_bias -> greedy argmax,
-or temperature -> top_k -> top_p -> min_p -> a draw from the sequence's own generator.
+Order per row: repetition penalty -> presence/frequency penalty -> logit_bias -> grammar mask
+(guided decoding: disallowed tokens -> -inf) -> greedy argmax, or temperature -> top_k -> top_p ->
+min_p -> a draw from the sequence's own generator.
 Logprobs always come from the raw logits (the model's distribution), not the processed ones.
 """
 
@@ -19,6 +20,7 @@ from typing import Sequence
 
 import numpy as np
 
+from .guided import GuidedMatcher, apply_guidance
 from .types import SamplingParams, TokenLogprob
 
 _seed_source = np.random.default_rng()
@@ -79,10 +81,13 @@ class SamplerState:
     """What the sampler remembers about one sequence: its generator and the tokens it has seen.
 
     `index` tells apart the choices of one request (n > 1): the same seed with a different index
-    gives a different but still reproducible stream."""
+    gives a different but still reproducible stream. `guide` (guided decoding) masks the tokens its
+    grammar disallows and consumes each appended token."""
 
-    def __init__(self, params: SamplingParams, prompt_token_ids: Sequence[int] = (), index: int = 0):
+    def __init__(self, params: SamplingParams, prompt_token_ids: Sequence[int] = (), index: int = 0,
+                 guide: GuidedMatcher | None = None):
         self.params = params
+        self.guide = guide
         if params.seed is not None:
             seed_seq = np.random.SeedSequence(params.seed & _UINT64, spawn_key=(index,))
         else:
@@ -106,11 +111,13 @@ class SamplerState:
         if self.seen is not None:
             self.seen.add(token_id)
         self.num_generated += 1
+        if self.guide is not None:
+            self.guide.consume(token_id)  # a refused token leaves guide.error set; the engine ends the sequence
 
     @property
     def modifies_logits(self) -> bool:
-        """True when penalties or bias change this row's logits (now, given what was seen)."""
-        return (self.seen is not None or len(self._bias_ids) > 0
+        """True when penalties, bias or a grammar change this row's logits (now, given what was seen)."""
+        return (self.guide is not None or self.seen is not None or len(self._bias_ids) > 0
                 or (self._additive and len(self.output_counts) > 0))
 
     def apply(self, row: np.ndarray) -> None:
@@ -149,6 +156,9 @@ def sample(logits: np.ndarray, states: Sequence[SamplerState]
         work = logits.copy()  # the raw logits stay untouched for logprobs
         for i in modified:
             states[i].apply(work[i])
+        guided = [i for i in modified if states[i].guide is not None]
+        if guided:  # the grammar mask goes last: no bias can revive a disallowed token
+            apply_guidance(work, guided, [states[i].guide for i in guided])
 
     tokens = np.zeros(batch, dtype=np.int64)
     greedy = [i for i, s in enumerate(states) if s.params.greedy]

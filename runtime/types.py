@@ -2,12 +2,48 @@
 
 from __future__ import annotations
 
+import json
 import math
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import InvalidRequestError
+
+GUIDED_KINDS = ("json_schema", "json_object", "regex", "lark")
+
+
+@dataclass
+class GuidedDecoding:
+    """Constrain generated text to a grammar (runtime.guided enforces it with llguidance).
+
+    json_schema: `spec` is the schema (a dict); json_object: any JSON object, `spec` is None;
+    regex: the whole output matches `spec` (Rust regex syntax, with \\d and \\w ASCII-only as in a
+    JSON Schema "pattern"); lark: `spec` is a grammar in llguidance's Lark dialect, which may embed
+    JSON schemas as `%json{...}`. JSON comes out compact (no whitespace between tokens) unless the
+    schema's "x-guidance" options say otherwise; in Lark, only a `%json` made by
+    runtime.guided.lark_json is compact (a bare one allows free whitespace)."""
+
+    kind: str
+    spec: Any = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in GUIDED_KINDS:
+            raise InvalidRequestError(f"guided decoding kind must be one of {', '.join(GUIDED_KINDS)}; "
+                                      f"got {self.kind!r}", param="response_format")
+        if self.kind == "json_schema":
+            if not isinstance(self.spec, dict):
+                raise InvalidRequestError("a json_schema needs the schema as an object", param="response_format")
+            try:
+                json.dumps(self.spec)
+            except (TypeError, ValueError) as e:
+                raise InvalidRequestError(f"the JSON schema is not plain JSON: {e}", param="response_format") from e
+        elif self.kind == "json_object":
+            if self.spec is not None:
+                raise InvalidRequestError("json_object takes no spec", param="response_format")
+        elif not isinstance(self.spec, str) or not self.spec:
+            raise InvalidRequestError(f"a {self.kind} needs its pattern as a non-empty string",
+                                      param="response_format")
 
 
 @dataclass
@@ -47,8 +83,18 @@ class SamplingParams:
     """With logprobs: also the top-k alternatives at each position (0..20)."""
     prompt_logprobs: int | None = None
     """None: off. k >= 0: log-probability of every prompt token, plus the top-k alternatives."""
+    guided: GuidedDecoding | None = None
+    """Constrain the output to a grammar (JSON schema, JSON object, regex, Lark); a dict is converted."""
 
     def __post_init__(self) -> None:
+        if isinstance(self.guided, dict):
+            try:
+                self.guided = GuidedDecoding(**self.guided)
+            except TypeError as e:  # unknown or missing keys
+                raise InvalidRequestError(f"guided must have a kind and a spec: {e}", param="response_format") from e
+        elif self.guided is not None and not isinstance(self.guided, GuidedDecoding):
+            raise InvalidRequestError(f"guided must be a GuidedDecoding or a dict, got {type(self.guided).__name__}",
+                                      param="response_format")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = [s for s in self.stop]

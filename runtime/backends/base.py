@@ -28,6 +28,10 @@ class Tokenizer(Protocol):
     def decode(self, ids: Sequence[int]) -> str:
         """Ids to text, special tokens skipped. Must be the same function the detokenizer streams."""
 
+    def token_bytes(self, token: int) -> bytes:
+        """Raw bytes of one token as decode joins them (b"" for special tokens); guided decoding and
+        logprobs' `bytes` need them, since a multi-byte character may be split over tokens."""
+
     def apply_chat_template(self, messages: list[dict], tools: list[dict] | None = None,
                             add_generation_prompt: bool = True) -> str:
         """Render messages (and tools) with the model's chat template in a sandbox."""

@@ -49,6 +49,10 @@ class HFTokenizer:
         elif gen_eos:
             eos.update(int(t) for t in gen_eos)
         self.eos_token_ids = frozenset(eos)
+        self._special_ids = frozenset(int(t) for t in tok.all_special_ids) | frozenset(
+            int(i) for i, t in getattr(tok, "added_tokens_decoder", {}).items() if t.special)
+        self._byte_mode: str | None = None  # found on first token_bytes (serializes the tokenizer)
+        self._pieces: dict[int, bytes] = {}
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return list(self._tok.encode(text, add_special_tokens=add_special_tokens))
@@ -62,6 +66,72 @@ class HFTokenizer:
         return render_chat_template(self.chat_template or DEFAULT_CHATML_TEMPLATE, messages, tools=tools,
                                     add_generation_prompt=add_generation_prompt,
                                     bos_token=self.bos_token, eos_token=self.eos_token)
+
+    def token_bytes(self, token: int) -> bytes:
+        """Raw bytes of one token as decode joins them; b"" for special tokens (decode skips them)
+        and for padding ids past the tokenizer. Byte-level BPE pieces map back through GPT-2's byte
+        table, so a character split over tokens comes back as its partial UTF-8 bytes. SentencePiece
+        pieces keep the leading space that decode strips from the very first token."""
+        piece = self._pieces.get(token)
+        if piece is None:
+            if token < 0:
+                raise ValueError(f"token id {token} is negative")
+            piece = self._piece(token)
+            self._pieces[token] = piece
+        return piece
+
+    def _piece(self, token: int) -> bytes:
+        if token in self._special_ids or token >= len(self._tok):
+            return b""
+        text = self._tok.convert_ids_to_tokens(token)
+        if text is None:
+            return b""
+        if self._byte_mode is None:
+            self._byte_mode = _byte_mode(self._tok)
+        if self._byte_mode == "byte_level":
+            # as the tokenizers ByteLevel decoder: a piece with a char outside the table (an added
+            # token such as "<think>" stored as plain text) is taken as its UTF-8
+            try:
+                return bytes(_GPT2_BYTE_DECODER[c] for c in text)
+            except KeyError:
+                return text.encode("utf-8")
+        if self._byte_mode == "metaspace":
+            if len(text) == 6 and text.startswith("<0x") and text.endswith(">"):  # byte fallback
+                return bytes([int(text[3:5], 16)])
+            return text.replace("\u2581", " ").encode("utf-8")
+        return self.decode([token]).encode("utf-8")  # other decoders (WordPiece ...): best effort
+
+
+def _gpt2_byte_decoder() -> dict[str, int]:
+    """GPT-2's printable stand-in char for each byte, inverted (byte-level BPE vocabularies use it)."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1)) + \
+        list(range(ord("\xae"), ord("\xff") + 1))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return {c: b for b, c in chars.items()}
+
+
+_GPT2_BYTE_DECODER = _gpt2_byte_decoder()
+
+
+def _byte_mode(tok) -> str:
+    """How a token's piece becomes bytes: "byte_level" (GPT-2 style BPE), "metaspace" (SentencePiece
+    with byte fallback), or "decode" (anything else: decode the token alone)."""
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is None:
+        return "byte_level" if hasattr(tok, "byte_decoder") else "decode"
+    decoder = json.loads(backend.to_str()).get("decoder") or {}
+    kinds = {d.get("type") for d in decoder.get("decoders", [decoder])}
+    if "ByteLevel" in kinds:
+        return "byte_level"
+    if kinds & {"Metaspace", "Replace", "ByteFallback"}:
+        return "metaspace"
+    return "decode"
 
 
 def _torch_dtype(dtype: str, device: torch.device):
