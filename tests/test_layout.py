@@ -67,3 +67,18 @@ def test_runtime_import_pulls_no_torch():
             "bad = [m for m in ('torch', 'transformers') if m in sys.modules]; print(bad); sys.exit(bool(bad))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_only_ray_app_imports_ray():
+    """The Ray Serve wiring lives in serve/ray_app.py; everything else runs without Ray."""
+    offenders = []
+    for package in ALLOWED:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            if path == ROOT / "serve" / "ray_app.py":
+                continue
+            for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                    [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
+                if any(n == "ray" or n.startswith("ray.") for n in names):
+                    offenders.append(str(path.relative_to(ROOT)))
+    assert not offenders, offenders

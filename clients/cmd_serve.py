@@ -1,0 +1,61 @@
+"""`hearth serve`: the OpenAI-compatible server, on Ray Serve by default.
+
+    hearth serve                                   # default chat model + embeddings on 127.0.0.1:8000
+    hearth serve --config models.yaml --api-key sk-local --port 8080
+    hearth serve --address ray://head:10001        # join an existing Ray cluster (multi-node)
+    hearth serve --no-ray                          # one process, no Ray: development and tests
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="serve models over the OpenAI API (Ray Serve)")
+    p.add_argument("--config", default=None, help="models.yaml (default: the bundled chat model + embeddings)")
+    p.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="port (default 8000; 0 picks a free one)")
+    p.add_argument("--api-key", action="append", default=[], dest="api_keys",
+                   help="accepted API key (repeatable; also HEARTH_API_KEYS=k1,k2)")
+    p.add_argument("--address", default=None, help="join this Ray cluster instead of starting a local Ray")
+    p.add_argument("--no-ray", action="store_true", help="run the app in this process without Ray")
+    p.add_argument("--cors-origin", action="append", default=[], dest="cors_origins",
+                   help="allow browser calls from this origin (repeatable)")
+    p.add_argument("--allow-no-auth", action="store_true",
+                   help="allow serving without API keys on a non-loopback address")
+    p.set_defaults(func=run_serve)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from hearth.serve.app import api_keys_from_env
+    from hearth.serve.config import load_config
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = load_config(args.config)
+    if args.host is not None:
+        cfg.host = args.host
+    if args.port is not None:
+        cfg.port = args.port
+    cfg.api_keys = api_keys_from_env(cfg.api_keys + args.api_keys)
+    cfg.cors_origins = cfg.cors_origins + args.cors_origins
+    if not cfg.api_keys and cfg.host not in ("127.0.0.1", "localhost", "::1") and not args.allow_no_auth:
+        print(f"hearth: error: refusing to serve on {cfg.host} without an API key; pass --api-key KEY "
+              "(or HEARTH_API_KEYS), or --allow-no-auth", file=sys.stderr)
+        return 2
+    if not cfg.api_keys:
+        logging.getLogger("hearth.serve").warning("no API key set: anyone who can reach %s:%s can use it",
+                                                  cfg.host, cfg.port)
+    if args.no_ray:
+        from hearth.serve.local import LocalServer
+
+        server = LocalServer(cfg)
+        print(f"hearth: serving on {server.url}/v1 (no Ray); models are loading", flush=True)
+        server.start_loading()
+        server.serve()
+        return 0
+    from hearth.serve.ray_app import run as run_ray
+
+    return run_ray(cfg, address=args.address)

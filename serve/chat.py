@@ -1,0 +1,257 @@
+"""POST /v1/chat/completions: messages and tools in, a message or a stream of chunks out.
+
+The route turns the request into plain runtime objects here (messages prepared for the model's
+tool-call family, SamplingParams with any grammar), runs one engine request with `n` choices, and
+writes OpenAI's response or SSE chunks. Tool calls are parsed from the text by the family's parser.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator
+
+from hearth.runtime.types import GenerationRequest, GuidedDecoding
+
+from . import tool_parsers
+from .common import DONE, Run, chat_logprobs, new_id, sampling_params, sse, usage_dict
+from .errors import invalid
+from .model_service import ModelInfo
+from .protocol import ChatCompletionRequest, message_text
+from .tool_parsers import ContentDelta
+
+log = logging.getLogger("hearth.serve")
+
+
+@dataclass
+class ChatPlan:
+    """What the engine is asked and how its text is read back."""
+
+    request: GenerationRequest
+    parser: Any = None
+    """The tool-call family module when tools are active, else None."""
+    tools: list[dict] | None = None
+    stream_parsers: dict[int, Any] = field(default_factory=dict)
+
+
+def plan_chat(body: ChatCompletionRequest, info: ModelInfo) -> ChatPlan:
+    """Validate the chat-specific fields and build the engine request."""
+    tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
+    if tools:
+        try:
+            tool_parsers.normalize_tools(tools)  # names the bad field
+        except ValueError as e:
+            raise invalid(str(e), "tools") from None
+    choice = body.tool_choice
+    if hasattr(choice, "function"):
+        choice_name = choice.function.name
+        if not tools or choice_name not in {t["function"]["name"] for t in tools}:
+            raise invalid(f"tool_choice names the function {choice_name!r}, which is not in tools",
+                          "tool_choice")
+        choice = choice_name
+    elif choice is None:
+        choice = "auto" if tools else "none"
+    if choice == "required" and not tools:
+        raise invalid("tool_choice 'required' needs a non-empty tools list", "tool_choice")
+    active = bool(tools) and choice != "none"
+
+    family = info.tool_parser
+    module = tool_parsers.get_parser(family)
+    try:
+        raw_messages = [_message_dict(m) for m in body.messages]
+        messages = module.prepare_messages(raw_messages, tools if active else None, choice)
+    except ValueError as e:
+        raise invalid(str(e), "messages") from None
+    render_tools = tools if active and family != "json" else None
+
+    guided = None
+    if active and choice != "auto":
+        guided = GuidedDecoding("lark", module.grammar(tools, choice, body.parallel_tool_calls is not False,
+                                                       special_ids=info.tool_special_ids))
+    elif body.response_format is not None and body.response_format.type != "text":
+        guided = _response_format(body)
+        # as OpenAI does, tell the model what it must write: the mask alone keeps the syntax, and a
+        # model that does not know it is writing JSON fills the strings with prose
+        messages = _with_format_hint(messages, guided)
+
+    if body.top_logprobs and not body.logprobs:
+        raise invalid("top_logprobs requires logprobs: true", "top_logprobs")
+    max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    if max_tokens == 0:
+        raise invalid("max_tokens must be at least 1", "max_tokens")
+    params = sampling_params(body, info, max_tokens=max_tokens, n=body.n or 1, logprobs=bool(body.logprobs),
+                             top_logprobs=body.top_logprobs or 0, guided=guided)
+    req = GenerationRequest(messages=messages, tools=render_tools, params=params,
+                            request_id=new_id("chatcmpl"))
+    return ChatPlan(req, module if active else None, tools if active else None)
+
+
+def _message_dict(m) -> dict:
+    d: dict[str, Any] = {"role": m.role, "content": None if m.content is None else message_text(m.content)}
+    if m.role == "developer":  # OpenAI's newer name for the system role; templates know "system"
+        d["role"] = "system"
+    if m.name:
+        d["name"] = m.name
+    if m.tool_calls:
+        d["tool_calls"] = [{"id": c.id, "type": "function",
+                            "function": {"name": c.function.name, "arguments": c.function.arguments}}
+                           for c in m.tool_calls]
+    if m.tool_call_id:
+        d["tool_call_id"] = m.tool_call_id
+    if d["content"] is None and not m.tool_calls and m.role != "assistant":
+        raise ValueError(f"a {m.role} message needs content")
+    return d
+
+
+def _response_format(body: ChatCompletionRequest) -> GuidedDecoding:
+    rf = body.response_format
+    if rf.type == "json_object":
+        return GuidedDecoding("json_object", None)
+    spec = rf.json_schema
+    if spec is None or spec.schema_ is None:
+        raise invalid("response_format json_schema needs json_schema.schema", "response_format")
+    schema = _strict(spec.schema_) if spec.strict else spec.schema_
+    return GuidedDecoding("json_schema", schema)
+
+
+def _strict(schema: Any) -> Any:
+    """OpenAI's strict mode: objects take no properties beyond those listed, unless they say so."""
+    if isinstance(schema, list):
+        return [_strict(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: _strict(v) for k, v in schema.items()}
+    if out.get("type") == "object" or "properties" in out:
+        out.setdefault("additionalProperties", False)
+    return out
+
+
+def _with_format_hint(messages: list[dict], guided: GuidedDecoding) -> list[dict]:
+    if guided.kind == "json_schema":
+        hint = ("Answer only with one JSON object that matches this JSON schema, with short values:\n"
+                + json.dumps(guided.spec, ensure_ascii=False, separators=(",", ":")))
+    else:
+        hint = "Answer only with one JSON object, with short values."
+    out = [dict(m) for m in messages]
+    if out and out[0]["role"] == "system":
+        out[0]["content"] = f"{out[0]['content'] or ''}\n\n{hint}".strip()
+    else:
+        out.insert(0, {"role": "system", "content": hint})
+    return out
+
+
+# ---- non-streaming ----------------------------------------------------------------------------
+
+async def complete(run: Run, plan: ChatPlan, model: str) -> dict:
+    """Collect every choice and build the chat.completion object."""
+    started = run.started
+    n = plan.request.params.n
+    texts = [""] * n
+    lps: list[list] = [[] for _ in range(n)]
+    finish: list[str | None] = [None] * n
+    completion_tokens = cached = 0
+    async for c in run.chunks():
+        o = c.out
+        texts[o.index] += o.text
+        if o.logprobs:
+            lps[o.index].extend(chat_logprobs(o.logprobs, c.token_bytes or {}))
+        if o.finish_reason is not None:
+            finish[o.index] = o.finish_reason
+            completion_tokens += o.usage.completion_tokens
+            cached = max(cached, o.usage.cached_tokens)
+    choices = []
+    for i in range(n):
+        msg: dict[str, Any] = {"role": "assistant", "content": texts[i], "refusal": None}
+        reason = _finish(finish[i])
+        if plan.parser is not None:
+            parsed = plan.parser.parse(texts[i], plan.tools)
+            if parsed.tool_calls:
+                msg["content"] = parsed.content or None
+                msg["tool_calls"] = [_call_dict(tc) for tc in parsed.tool_calls]
+                if reason == "stop":
+                    reason = "tool_calls"
+        choices.append({"index": i, "message": msg,
+                        "logprobs": {"content": lps[i], "refusal": None} if plan.request.params.logprobs else None,
+                        "finish_reason": reason})
+    return {"id": plan.request.request_id, "object": "chat.completion", "created": int(time.time()),
+            "model": model, "system_fingerprint": "hearth", "choices": choices,
+            "usage": usage_dict(len(started.prompt_token_ids), completion_tokens, cached)}
+
+
+def _call_dict(tc) -> dict:
+    return {"id": tc.id, "type": "function", "function": {"name": tc.name, "arguments": tc.arguments}}
+
+
+def _finish(reason: str | None) -> str | None:
+    # 'abort' never reaches a client that is still listening; report it as a stop
+    return "stop" if reason == "abort" else reason
+
+
+# ---- streaming --------------------------------------------------------------------------------
+
+async def stream(run: Run, plan: ChatPlan, model: str, include_usage: bool) -> AsyncIterator[str]:
+    """SSE chunks: a role delta per choice, content/tool-call deltas, one finish per choice, usage, [DONE]."""
+    rid, created = plan.request.request_id, int(time.time())
+    n = plan.request.params.n
+    want_lp = plan.request.params.logprobs
+
+    def chunk(choices: list[dict]) -> str:
+        obj = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+               "system_fingerprint": "hearth", "choices": choices}
+        if include_usage:
+            obj["usage"] = None
+        return sse(obj)
+
+    parsers = {i: plan.parser.StreamParser(plan.tools) for i in range(n)} if plan.parser else {}
+    has_calls = [False] * n
+    for i in range(n):
+        yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                      "finish_reason": None}])
+    completion_tokens = cached = 0
+    async for c in run.chunks():
+        o = c.out
+        i = o.index
+        deltas: list[dict] = []
+        if parsers:
+            items = parsers[i].feed(o.text) if o.text else []
+            if o.finish_reason is not None:
+                items += parsers[i].finish()
+            for d in items:
+                if isinstance(d, ContentDelta):
+                    if d.text:
+                        deltas.append({"content": d.text})
+                else:
+                    has_calls[i] = True
+                    call: dict[str, Any] = {"index": d.index}
+                    if d.id is not None:
+                        call.update(id=d.id, type="function")
+                    fn: dict[str, Any] = {"arguments": d.arguments}
+                    if d.name is not None:
+                        fn["name"] = d.name
+                    call["function"] = fn
+                    deltas.append({"tool_calls": [call]})
+        elif o.text:
+            deltas.append({"content": o.text})
+        lp = {"content": chat_logprobs(o.logprobs, c.token_bytes or {}), "refusal": None} \
+            if want_lp and o.logprobs else None
+        reason = None
+        if o.finish_reason is not None:
+            reason = _finish(o.finish_reason)
+            if has_calls[i] and reason == "stop":
+                reason = "tool_calls"
+            completion_tokens += o.usage.completion_tokens
+            cached = max(cached, o.usage.cached_tokens)
+        if not deltas and (lp is not None or reason is not None):
+            deltas.append({})
+        for k, d in enumerate(deltas):
+            last = k == len(deltas) - 1
+            yield chunk([{"index": i, "delta": d, "logprobs": lp if k == 0 else None,
+                          "finish_reason": reason if last else None}])
+    if include_usage:
+        yield sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+                   "system_fingerprint": "hearth", "choices": [],
+                   "usage": usage_dict(len(run.started.prompt_token_ids), completion_tokens, cached)})
+    yield DONE
+

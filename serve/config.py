@@ -1,0 +1,227 @@
+"""What `hearth serve` serves: typed config, read from models.yaml.
+
+    hearth serve --config models.yaml
+
+    models:
+      - name: smollm2-135m-instruct        # what clients send as `model`
+        path: smollm2-135m-instruct        # registered name or a path (GGUF file or HF directory)
+        backend: auto                      # auto | llamacpp | transformers
+        dtype: auto                        # transformers: auto | float32 | bfloat16 | float16
+        quantization: null                 # transformers: int8 | nf4 (bitsandbytes)
+        context_length: 4096
+        replicas: 1                        # or autoscaling: {min_replicas: 1, max_replicas: 4}
+        num_gpus: 0                        # per replica; fractions let two small models share a GPU
+        max_num_seqs: 32                   # sequences decoded together
+        max_queued_requests: 256           # beyond this, 429 with Retry-After
+        default_sampling: {temperature: 0.7, max_tokens: 512}
+        chat_template: null                # inline Jinja or a path to a .jinja file
+        tool_parser: null                  # hermes | llama3 | mistral | json (default: from the template)
+    embeddings:
+      - name: all-minilm-l6-v2             # path: null = the bundled model
+
+With no file, the default chat model (GGUF on llama.cpp) and the bundled embeddings are served.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+from hearth.runtime.errors import InvalidRequestError
+from hearth.runtime.registry import DEFAULT_MODEL
+
+DEFAULT_EMBEDDING_MODEL = "all-minilm-l6-v2"
+BACKENDS = ("auto", "llamacpp", "transformers")
+TOOL_PARSERS = ("hermes", "llama3", "mistral", "json")
+SAMPLING_DEFAULT_KEYS = {"temperature", "top_p", "top_k", "min_p", "max_tokens", "presence_penalty",
+                         "frequency_penalty", "repetition_penalty", "stop", "seed"}
+
+
+class ConfigError(InvalidRequestError):
+    """models.yaml is wrong; the message names the file and the field."""
+
+
+@dataclass
+class Autoscaling:
+    """Ray Serve autoscaling of one deployment's replicas."""
+
+    min_replicas: int = 1
+    max_replicas: int = 1
+    target_ongoing_requests: float = 16.0
+    """Ongoing requests per replica Ray Serve aims for before it adds one."""
+
+    def __post_init__(self) -> None:
+        _check(self.min_replicas >= 0, "autoscaling.min_replicas must be >= 0")
+        _check(self.max_replicas >= max(1, self.min_replicas),
+               "autoscaling.max_replicas must be >= max(1, min_replicas)")
+        _check(self.target_ongoing_requests > 0, "autoscaling.target_ongoing_requests must be > 0")
+
+
+@dataclass
+class ModelConfig:
+    """One chat/completions model: one Ray Serve deployment, one engine per replica."""
+
+    name: str = DEFAULT_MODEL
+    """The `model` clients send, and the name /v1/models lists."""
+    path: str | None = None
+    """Registered model name or a path; None means `name` is a registered model."""
+    backend: str = "auto"
+    dtype: str = "auto"
+    quantization: str | None = None
+    context_length: int | None = None
+    """KV window per sequence; None: the model's trained length, capped at 4096 on CPU backends."""
+    replicas: int = 1
+    autoscaling: Autoscaling | None = None
+    num_gpus: float = 0.0
+    num_cpus: float = 1.0
+    max_num_seqs: int = 32
+    max_queued_requests: int = 256
+    default_sampling: dict[str, Any] = field(default_factory=dict)
+    chat_template: str | None = None
+    tool_parser: str | None = None
+    aliases: list[str] = field(default_factory=list)
+    """Other names clients may send for this model (e.g. gpt-4o-mini for drop-in use)."""
+    backend_options: dict[str, Any] = field(default_factory=dict)
+    """Passed to the backend as is, e.g. {n_threads: 2, batch_invariant: true} for llama.cpp."""
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.name, str) and self.name.strip() != "", "name must be a non-empty string")
+        _check(self.backend in BACKENDS, f"backend must be one of {', '.join(BACKENDS)}; got {self.backend!r}")
+        _check(self.quantization in (None, "int8", "nf4"),
+               f"quantization must be int8, nf4 or null; got {self.quantization!r}")
+        _check(self.context_length is None or (isinstance(self.context_length, int) and self.context_length >= 16),
+               "context_length must be an integer >= 16")
+        _check(isinstance(self.replicas, int) and self.replicas >= 1, "replicas must be an integer >= 1")
+        if isinstance(self.autoscaling, dict):
+            self.autoscaling = _build(Autoscaling, self.autoscaling, "autoscaling")
+        _check(0 <= float(self.num_gpus) <= 64, "num_gpus must be in [0, 64] (fractions allowed)")
+        _check(float(self.num_cpus) > 0, "num_cpus must be > 0")
+        _check(isinstance(self.max_num_seqs, int) and 1 <= self.max_num_seqs <= 1024,
+               "max_num_seqs must be an integer in [1, 1024]")
+        _check(isinstance(self.max_queued_requests, int) and self.max_queued_requests >= 1,
+               "max_queued_requests must be an integer >= 1")
+        unknown = set(self.default_sampling) - SAMPLING_DEFAULT_KEYS
+        _check(not unknown, f"default_sampling has unknown keys {sorted(unknown)}; "
+                            f"allowed: {sorted(SAMPLING_DEFAULT_KEYS)}")
+        _check(self.tool_parser in (None, *TOOL_PARSERS),
+               f"tool_parser must be one of {', '.join(TOOL_PARSERS)} or null; got {self.tool_parser!r}")
+        _check(isinstance(self.aliases, list) and all(isinstance(a, str) and a for a in self.aliases),
+               "aliases must be a list of names")
+        _check(isinstance(self.backend_options, dict), "backend_options must be a mapping")
+
+    @property
+    def source(self) -> str:
+        return self.path or self.name
+
+    def load_chat_template(self, base_dir: Path | None = None) -> str | None:
+        """The override template text: a file path (relative to models.yaml) or inline Jinja."""
+        t = self.chat_template
+        if not t:
+            return None
+        if "{%" in t or "{{" in t:
+            return t
+        p = Path(t) if Path(t).is_absolute() or base_dir is None else base_dir / t
+        if not p.is_file():
+            raise ConfigError(f"models[{self.name}].chat_template: no file {p} (and not inline Jinja)",
+                              param="chat_template")
+        return p.read_text(encoding="utf-8")
+
+
+@dataclass
+class EmbeddingConfig:
+    """One embedding model: one Ray Serve deployment."""
+
+    name: str = DEFAULT_EMBEDDING_MODEL
+    path: str | None = None
+    """A local sentence-transformers directory; None: the bundled all-MiniLM-L6-v2."""
+    device: str = "cpu"
+    replicas: int = 1
+    num_gpus: float = 0.0
+    num_cpus: float = 0.5
+    max_batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.name, str) and self.name.strip() != "", "embeddings: name must be a non-empty string")
+        _check(isinstance(self.replicas, int) and self.replicas >= 1, "embeddings: replicas must be >= 1")
+        _check(0 <= float(self.num_gpus) <= 64, "embeddings: num_gpus must be in [0, 64]")
+        _check(isinstance(self.max_batch_size, int) and self.max_batch_size >= 1,
+               "embeddings: max_batch_size must be >= 1")
+
+
+@dataclass
+class ServeConfig:
+    """Everything `hearth serve` needs; command-line flags override the file."""
+
+    models: list[ModelConfig] = field(default_factory=lambda: [ModelConfig()])
+    embeddings: list[EmbeddingConfig] = field(default_factory=lambda: [EmbeddingConfig()])
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_keys: list[str] = field(default_factory=list)
+    cors_origins: list[str] = field(default_factory=list)
+    request_timeout_s: float = 600.0
+    """A request still running after this gets 408 (or an SSE error event once streaming)."""
+    drain_timeout_s: float = 30.0
+    """On SIGTERM, in-flight requests get this long to finish while new ones get 503."""
+    base_dir: Path | None = None
+
+    def __post_init__(self) -> None:
+        self.models = [_build(ModelConfig, m, f"models[{i}]") if isinstance(m, dict) else m
+                       for i, m in enumerate(self.models or [])]
+        self.embeddings = [_build(EmbeddingConfig, e, f"embeddings[{i}]") if isinstance(e, dict) else e
+                           for i, e in enumerate(self.embeddings or [])]
+        _check(bool(self.models) or bool(self.embeddings), "configure at least one model or embedding model")
+        names = [n for m in self.models for n in (m.name, *m.aliases)] + [e.name for e in self.embeddings]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        _check(not dup, f"model names must be unique; repeated: {dup}")
+        _check(isinstance(self.port, int) and 0 <= self.port <= 65535, "port must be in [0, 65535]")
+        _check(self.request_timeout_s > 0, "request_timeout_s must be > 0")
+        _check(self.drain_timeout_s >= 0, "drain_timeout_s must be >= 0")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["base_dir"] = str(self.base_dir) if self.base_dir else None
+        return d
+
+
+def load_config(path: str | os.PathLike | None = None) -> ServeConfig:
+    """Read models.yaml (None: the defaults). Errors name the file and the field."""
+    if path is None:
+        return ServeConfig()
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}", param="config")
+    try:
+        raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML: {e}", param="config") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{p}: the top level must be a mapping with `models:`", param="config")
+    try:
+        cfg = _build(ServeConfig, raw, "")
+    except ConfigError as e:
+        raise ConfigError(f"{p}: {e}", param="config") from None
+    cfg.base_dir = p.resolve().parent
+    return cfg
+
+
+def _build(cls, data: Any, where: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or cls.__name__} must be a mapping, got {type(data).__name__}")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"{where + ': ' if where else ''}unknown keys {unknown}; allowed: {sorted(known)}")
+    try:
+        return cls(**data)
+    except ConfigError as e:
+        raise ConfigError(f"{where + ': ' if where else ''}{e}") from None
+    except TypeError as e:
+        raise ConfigError(f"{where + ': ' if where else ''}{e}") from None
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)

@@ -1,0 +1,100 @@
+"""Run the app in this process with uvicorn (`hearth serve --no-ray`, and the tests).
+
+    server = LocalServer(config)          # binds now (port 0: an ephemeral port), loads models in
+    server.start_loading()                # the background so /health says 503 until they are up
+    server.serve()                        # blocks; SIGTERM drains, a second one exits at once
+
+SIGTERM/SIGINT: new requests get 503 while in-flight ones get `drain_timeout_s` to finish.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from typing import Any
+
+import uvicorn
+
+from .app import build_app
+from .config import ServeConfig
+from .router import Router, load_local
+
+log = logging.getLogger("hearth.serve")
+
+
+class _DrainingServer(uvicorn.Server):
+    """uvicorn, but the first signal drains instead of closing connections at once."""
+
+    def __init__(self, config: uvicorn.Config, app_state: Any, drain_timeout_s: float):
+        super().__init__(config)
+        self._state = app_state
+        self._drain_timeout_s = drain_timeout_s
+        self._draining_since: float | None = None
+
+    def handle_exit(self, sig: int, frame) -> None:
+        if self._draining_since is not None:  # a second signal: stop now
+            self.force_exit = True
+            self.should_exit = True
+            return
+        log.info("draining: %d request(s) in flight, up to %.0f s", self._state.in_flight, self._drain_timeout_s)
+        self._state.draining = True
+        self._draining_since = time.monotonic()
+        threading.Thread(target=self._drain, name="hearth-drain", daemon=True).start()
+
+    def _drain(self) -> None:
+        end = self._draining_since + self._drain_timeout_s
+        while self._state.in_flight > 0 and time.monotonic() < end:
+            time.sleep(0.05)
+        self.should_exit = True
+
+
+class LocalServer:
+    """The FastAPI app on uvicorn in this process, with models loaded in this process."""
+
+    def __init__(self, config: ServeConfig, router: Router | None = None):
+        self.config = config
+        self.app = build_app(config, router)
+        self.services: list[Any] = []
+        self.sock = socket.socket(socket.AF_INET6 if ":" in config.host else socket.AF_INET)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((config.host, config.port))
+        self.port = self.sock.getsockname()[1]
+        ucfg = uvicorn.Config(self.app, log_level="warning", access_log=False,
+                              timeout_graceful_shutdown=max(1, int(config.drain_timeout_s)), lifespan="off")
+        self.server = _DrainingServer(ucfg, self.app.state, config.drain_timeout_s)
+
+    @property
+    def url(self) -> str:
+        host = self.config.host if ":" not in self.config.host else f"[{self.config.host}]"
+        return f"http://{host}:{self.port}"
+
+    def start_loading(self) -> threading.Thread:
+        def load() -> None:
+            try:
+                router, self.services = load_local(self.config)
+                self.app.state.router = router
+                log.info("ready: %s", ", ".join(router.names()))
+            except Exception as e:
+                log.exception("loading the models failed")
+                self.app.state.load_error = f"{type(e).__name__}: {e}"
+
+        t = threading.Thread(target=load, name="hearth-load", daemon=True)
+        t.start()
+        return t
+
+    def serve(self) -> None:
+        """Block until a signal (or should_exit) stops the server; then free the engines."""
+        try:
+            self.server.run(sockets=[self.sock])
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        for s in self.services:
+            try:
+                s.shutdown()
+            except Exception as e:  # keep shutting the others down
+                log.warning("shutdown of %s failed: %s", s, e)
+        self.services = []

@@ -1,0 +1,177 @@
+"""One served model: an engine plus what the HTTP layer asks of it, in plain picklable data.
+
+The same class runs in-process (`hearth serve --no-ray`, tests) and inside a Ray Serve replica
+(ray_app.py wraps it in a deployment), so the FastAPI app talks to both through one interface:
+
+    svc = ModelService(ModelConfig(name="smollm2-135m-instruct"))
+    info = await svc.info()
+    async for item in svc.generate(GenerationRequest(messages=[...]), want_bytes=False):
+        ...   # first a Started, then one Chunk per engine output
+
+A bad request (context too long, bad schema) raises before the first item, so the app can still
+answer with a 4xx instead of a broken stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import AsyncIterator
+
+from hearth.runtime.engine import Engine, EngineStats
+from hearth.runtime.types import GenerationOutput, GenerationRequest
+
+from .config import ModelConfig
+
+log = logging.getLogger("hearth.serve")
+
+_CPU_DEFAULT_CONTEXT = 4096
+
+
+@dataclass
+class ModelInfo:
+    name: str
+    aliases: list[str]
+    max_model_len: int
+    vocab_size: int
+    backend: str
+    chat_template: str | None
+    tool_parser: str
+    """The tool-call family (configured, or detected from the chat template)."""
+    tool_special_ids: dict[str, int]
+    """The family's markers that are single special tokens, as the grammar must name them."""
+    default_sampling: dict
+    created: int
+    path: str
+    lineage: dict = field(default_factory=dict)
+    """stage / parent / method from the checkpoint's manifest, shown in /v1/models."""
+
+
+@dataclass
+class Started:
+    """The first item of every stream: the prompt as the engine sees it."""
+
+    prompt_token_ids: list[int]
+    prompt_token_bytes: list[bytes] | None = None
+
+
+@dataclass
+class Chunk:
+    """One engine output, plus the raw bytes of every token its logprobs mention."""
+
+    out: GenerationOutput
+    token_bytes: dict[int, bytes] | None = None
+
+
+class ModelService:
+    """Loads the model on construction (blocking); everything else is async and never blocks."""
+
+    def __init__(self, config: ModelConfig, chat_template: str | None = None):
+        self.config = config
+        self.created = int(time.time())
+        kwargs = dict(config.backend_options)
+        backend = config.backend
+        from hearth.runtime.checkpoint import inspect_checkpoint
+        from hearth.runtime.registry import resolve_model
+
+        prefer = "hf" if backend == "transformers" else "gguf"
+        self.path = resolve_model(config.source, prefer=prefer)
+        fmt = inspect_checkpoint(self.path).format
+        if backend == "auto":
+            backend = "llamacpp" if fmt == "gguf" else "transformers"
+        if backend == "llamacpp":
+            kwargs.setdefault("n_ctx", config.context_length or _CPU_DEFAULT_CONTEXT)
+            # a slot per decoded sequence, plus room for cached prefixes
+            kwargs.setdefault("n_seq_max", min(256, config.max_num_seqs + 8))
+            if config.num_gpus > 0:
+                kwargs.setdefault("n_gpu_layers", -1)
+        else:
+            kwargs.setdefault("dtype", config.dtype)
+            if config.quantization:
+                kwargs.setdefault("quantization", config.quantization)
+            if config.context_length:
+                kwargs.setdefault("max_model_len", config.context_length)
+        engine_kwargs = {"max_num_seqs": config.max_num_seqs, "max_queue": config.max_queued_requests}
+        log.info("loading %s from %s (%s backend)", config.name, self.path, backend)
+        self.engine = Engine.from_model(self.path, backend=backend, engine_kwargs=engine_kwargs, **kwargs)
+        if chat_template:
+            self.engine.tokenizer.chat_template = chat_template
+        self.backend = backend
+        self._lineage = _lineage(self.path)
+
+    async def info(self) -> ModelInfo:
+        from hearth.runtime.guided import compiler_for
+
+        from . import tool_parsers
+
+        tok = self.engine.tokenizer
+        c = self.config
+        family = c.tool_parser or tool_parsers.detect_family(tok.chat_template)
+        special = tool_parsers.special_ids(tool_parsers.get_parser(family), compiler_for(tok).lltokenizer)
+        return ModelInfo(name=c.name, aliases=list(c.aliases), max_model_len=self.engine.max_model_len,
+                         vocab_size=tok.vocab_size, backend=self.backend, chat_template=tok.chat_template,
+                         tool_parser=family, tool_special_ids=special, default_sampling=dict(c.default_sampling),
+                         created=self.created, path=str(self.path), lineage=self._lineage)
+
+    async def generate(self, request: GenerationRequest, want_bytes: bool = False,
+                       echo_bytes: bool = False) -> AsyncIterator[Started | Chunk]:
+        """Stream a request: Started, then Chunks. Leaving the iterator early aborts the request."""
+        engine = self.engine
+        ids = await asyncio.to_thread(engine.encode_request, request) if request.messages else \
+            engine.encode_request(request)
+        request = GenerationRequest(prompt_token_ids=ids, params=request.params,
+                                    request_id=request.request_id)
+        prompt_bytes = engine.token_bytes(ids) if echo_bytes else None
+        gen = engine.generate(request)
+        try:
+            first = await gen.__anext__()  # errors raised at submit time surface here, before Started
+            yield Started(ids, prompt_bytes)
+            yield self._chunk(first, want_bytes)
+            async for out in gen:
+                yield self._chunk(out, want_bytes)
+        finally:
+            await gen.aclose()
+
+    def _chunk(self, out: GenerationOutput, want_bytes: bool) -> Chunk:
+        if not want_bytes:
+            return Chunk(out)
+        ids: set[int] = set()
+        for lps in (out.logprobs or [], out.prompt_logprobs or []):
+            for lp in lps:
+                if lp is not None:
+                    ids.add(lp.token_id)
+                    ids.update(t for t, _ in lp.top)
+        ordered = sorted(ids)
+        return Chunk(out, dict(zip(ordered, self.engine.token_bytes(ordered))))
+
+    async def stats(self) -> EngineStats:
+        return self.engine.stats()
+
+    async def healthy(self) -> bool:
+        return self.engine.healthy
+
+    async def tokenize(self, text: str) -> list[int]:
+        return self.engine.tokenizer.encode(text, add_special_tokens=False)
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()
+
+
+def _lineage(path) -> dict:
+    from hearth.runtime.checkpoint import read_manifest
+
+    try:
+        m = read_manifest(path)
+    except Exception as e:  # a model without a readable manifest still serves
+        log.warning("%s: manifest not readable: %s", path, e)
+        return {}
+    if m is None:
+        return {}
+    out: dict = {"stage": m.stage}
+    if m.method:
+        out["method"] = m.method
+    if m.parent is not None:
+        out["parent"] = {"path": m.parent.path, "content_hash": m.parent.content_hash}
+    return out

@@ -1,0 +1,200 @@
+"""The OpenAI wire format of the requests hearth accepts (pydantic), and their checks.
+
+Responses are built as plain dicts in app.py (they are written once per token, and pydantic
+would only slow that down); the request models here are also what /openapi.json publishes.
+Unknown request fields are accepted and logged, as the issue asks, never rejected.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+_EXTRA = ConfigDict(extra="allow")
+
+
+class _Open(BaseModel):
+    """A request body: unknown fields are kept (and logged by the app), not rejected."""
+
+    model_config = _EXTRA
+
+    def unknown_fields(self) -> list[str]:
+        return sorted((self.model_extra or {}).keys())
+
+
+class StreamOptions(BaseModel):
+    model_config = _EXTRA
+    include_usage: bool | None = False
+
+
+class FunctionDef(BaseModel):
+    model_config = _EXTRA
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    model_config = _EXTRA
+    type: Literal["function"] = "function"
+    function: FunctionDef
+
+
+class NamedFunction(BaseModel):
+    model_config = _EXTRA
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    model_config = _EXTRA
+    type: Literal["function"] = "function"
+    function: NamedFunction
+
+
+class JsonSchemaSpec(BaseModel):
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+    name: str = Field(default="response", max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    model_config = _EXTRA
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaSpec | None = None
+
+
+class ToolCallFunction(BaseModel):
+    model_config = _EXTRA
+    name: str
+    arguments: str = ""
+
+
+class ToolCallIn(BaseModel):
+    model_config = _EXTRA
+    id: str
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
+class ChatMessage(BaseModel):
+    """One message of the conversation; content may be text or a list of text parts."""
+
+    model_config = _EXTRA
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Union[str, list[dict[str, Any]], None] = None
+    name: str | None = None
+    tool_calls: list[ToolCallIn] | None = None
+    tool_call_id: str | None = None
+
+
+class _SamplingFields(_Open):
+    model: str = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=0)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    n: int | None = Field(default=1, ge=1, le=128)
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    stop: Union[str, list[str], None] = None
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = None
+    seed: int | None = None
+    user: str | None = None
+    # extensions that vLLM and llama.cpp's server also accept
+    top_k: int | None = Field(default=None, ge=0)
+    min_p: float | None = Field(default=None, ge=0.0, le=1.0)
+    repetition_penalty: float | None = Field(default=None, gt=0.0, le=10.0)
+    ignore_eos: bool | None = False
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, v):
+        if isinstance(v, str):
+            v = [v]
+        if v is not None:
+            if len(v) > 16:
+                raise ValueError("at most 16 stop strings are allowed")
+            if any(not s for s in v):
+                raise ValueError("stop strings must be non-empty")
+        return v
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias(cls, v):
+        if v is None:
+            return v
+        for k, b in v.items():
+            if not k.lstrip("-").isdigit():
+                raise ValueError(f"logit_bias keys must be token ids, got {k!r}")
+            if int(k) < 0:
+                raise ValueError(f"logit_bias has a negative token id {k}")
+            if not -100.0 <= b <= 100.0:
+                raise ValueError(f"logit_bias for token {k} must be in [-100, 100], got {b}")
+        return v
+
+
+class ChatCompletionRequest(_SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool | None = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    tools: list[Tool] | None = None
+    tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = None
+    parallel_tool_calls: bool | None = True
+    response_format: ResponseFormat | None = None
+
+
+class CompletionRequest(_SamplingFields):
+    prompt: Union[str, list[str], list[int], list[list[int]]]
+    echo: bool | None = False
+    logprobs: int | None = Field(default=None, ge=0, le=5)
+    suffix: str | None = None
+    best_of: int | None = Field(default=None, ge=1)
+
+
+class EmbeddingRequest(_Open):
+    model: str = Field(min_length=1)
+    input: Union[str, list[str], list[int], list[list[int]]]
+    encoding_format: Literal["float", "base64"] | None = "float"
+    dimensions: int | None = Field(default=None, ge=1)
+    user: str | None = None
+
+
+def completion_prompts(prompt: Any) -> list[str | list[int]]:
+    """The prompts of a /v1/completions request: one string, strings, one id list, or id lists."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if not prompt:
+        return []
+    if all(isinstance(p, int) for p in prompt):
+        return [list(prompt)]
+    return list(prompt)
+
+
+def embedding_inputs(inp: Any) -> list[str] | list[list[int]]:
+    if isinstance(inp, str):
+        return [inp]
+    if inp and all(isinstance(t, int) for t in inp):
+        return [list(inp)]
+    return list(inp)
+
+
+def message_text(content: Any) -> str:
+    """Text of a message content: a string, None, or a list of {"type": "text", "text": ...} parts."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    parts = []
+    for p in content:
+        if isinstance(p, dict) and p.get("type") in ("text", "input_text"):
+            parts.append(str(p.get("text", "")))
+        else:
+            kind = p.get("type") if isinstance(p, dict) else type(p).__name__
+            raise ValueError(f"content parts of type {kind!r} are not supported (text only)")
+    return "".join(parts)

