@@ -27,8 +27,8 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	touch $(STAMP)
 
 run: install
-	# the OpenAI server lands with the serving issue; until then the terminal chat
-	$(VENV)/bin/hearth chat
+	# the OpenAI-compatible server on Ray Serve: default chat model + embeddings
+	$(VENV)/bin/hearth serve --host $(HOST) --port $(PORT)
 
 test: install
 	$(VENV)/bin/python -m pytest -ra $(PYTEST_ARGS)
