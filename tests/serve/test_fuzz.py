@@ -15,12 +15,13 @@ KEY = "sk-fuzz"
 
 @pytest.fixture(scope="module")
 def fuzz_app(tmp_path_factory):
+    import asyncio
+
     from hearth.serve.app import build_app
     from hearth.serve.config import ModelConfig, ServeConfig
+    from hearth.serve.embeddings import EmbeddingService
     from hearth.serve.model_service import ModelService
     from hearth.serve.router import LocalEmbedding, Router
-    from hearth.serve.embeddings import EmbeddingService
-    import asyncio
 
     path = build_tiny_model(tmp_path_factory.mktemp("fuzz-model"))
     model = ModelConfig(name="tiny", path=str(path), backend="transformers", context_length=256, max_num_seqs=8,
