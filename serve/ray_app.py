@@ -230,9 +230,10 @@ def run(config: ServeConfig, address: str | None = None) -> int:
     def on_signal(signum, frame):
         stop_event.set()
 
+    start(config, address)
+    # after ray.init, which installs handlers of its own
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    start(config, address)
     host = config.host if ":" not in config.host else f"[{config.host}]"
     print(f"hearth: serving on http://{host}:{config.port}/v1 (Ray Serve)", flush=True)
     stop_event.wait()

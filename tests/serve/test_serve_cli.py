@@ -1,0 +1,155 @@
+"""`hearth serve` as a user runs it: a real process on 127.0.0.1 and a free port.
+
+The Ray test is what `make run` starts (Ray Serve, default chat model + embeddings); the
+`--no-ray` test checks SIGTERM draining: the stream in flight finishes, new requests get 503.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import jsonschema
+import openai
+import pytest
+
+from tests.conftest import default_gguf
+
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(default_gguf() is None, reason="the bundled default model is not installed")]
+
+KEY = "sk-cli-test"
+MODEL = "smollm2-135m-instruct"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start(tmp_path: Path, config: str, *extra: str) -> tuple[subprocess.Popen, str]:
+    cfg = tmp_path / "models.yaml"
+    cfg.write_text(config)
+    port = _free_port()
+    cmd = [sys.executable, "-m", "hearth.clients.cli", "serve", "--config", str(cfg), "--port", str(port),
+           "--api-key", KEY, *extra]
+    log = open(tmp_path / "server.log", "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                            env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def _wait_healthy(proc: subprocess.Popen, url: str, tmp_path: Path, timeout_s: float = 240) -> None:
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise AssertionError("server exited:\n" + (tmp_path / "server.log").read_text()[-4000:])
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise AssertionError("server not healthy in time:\n" + (tmp_path / "server.log").read_text()[-4000:])
+
+
+def _stop(proc: subprocess.Popen, timeout_s: float = 90) -> int:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise AssertionError("server did not exit after SIGTERM")
+
+
+CONFIG = f"""
+models:
+  - name: {MODEL}
+    context_length: 2048
+    backend_options: {{n_threads: 2}}
+embeddings:
+  - name: all-minilm-l6-v2
+"""
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+
+
+def test_ray_serve_end_to_end(tmp_path):
+    proc, url = _start(tmp_path, CONFIG)
+    try:
+        _wait_healthy(proc, url, tmp_path)
+        c = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=120)
+        msgs = [{"role": "user", "content": "Say hello."}]
+        full = c.chat.completions.create(model=MODEL, messages=msgs, max_tokens=16, temperature=0)
+        streamed = "".join(ch.choices[0].delta.content or "" for ch in c.chat.completions.create(
+            model=MODEL, messages=msgs, max_tokens=16, temperature=0, stream=True) if ch.choices)
+        assert streamed == full.choices[0].message.content and streamed
+        r = c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Weather in Oslo?"}],
+                                      tools=[WEATHER], tool_choice="required", max_tokens=60, temperature=0)
+        call = r.choices[0].message.tool_calls[0]
+        assert r.choices[0].finish_reason == "tool_calls" and call.function.name == "get_weather"
+        jsonschema.validate(json.loads(call.function.arguments), WEATHER["function"]["parameters"])
+        schema = {"type": "object", "properties": {"answer": {"type": "integer"}}, "required": ["answer"],
+                  "additionalProperties": False}
+        r = c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "2+2?"}], max_tokens=40,
+                                      temperature=0, response_format={"type": "json_schema", "json_schema": {
+                                          "name": "a", "schema": schema, "strict": True}})
+        jsonschema.validate(json.loads(r.choices[0].message.content), schema)
+        e = c.embeddings.create(model="all-minilm-l6-v2", input="hello")
+        assert len(e.data[0].embedding) == 384
+        # errors from behind the proxy keep OpenAI's envelope
+        bad = httpx.post(url + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
+                         json={"model": "nope", "messages": msgs})
+        assert bad.status_code == 404 and bad.json()["error"]["code"] == "model_not_found"
+        assert httpx.get(url + "/nothing").json()["error"]["code"] == "not_found"
+        assert httpx.get(url + "/v1/models").status_code == 401
+    finally:
+        assert _stop(proc) == 0
+
+
+def test_sigterm_drains_in_flight_stream(tmp_path):
+    proc, url = _start(tmp_path, CONFIG.replace("embeddings:\n  - name: all-minilm-l6-v2", "embeddings: []"),
+                       "--no-ray")
+    try:
+        _wait_healthy(proc, url, tmp_path)
+        headers = {"Authorization": f"Bearer {KEY}"}
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "Tell a long story."}],
+                "max_tokens": 120, "ignore_eos": True, "temperature": 0, "stream": True}
+        with httpx.Client(timeout=120) as h, h.stream("POST", url + "/v1/chat/completions", headers=headers,
+                                                     json=body) as s:
+            lines = s.iter_lines()
+            next(lines)  # the stream has begun
+            proc.send_signal(signal.SIGTERM)
+            end = time.monotonic() + 10
+            status = None
+            while time.monotonic() < end:  # new requests are refused while the stream drains
+                try:
+                    status = httpx.get(url + "/health", timeout=2).status_code
+                except httpx.HTTPError:
+                    break
+                if status == 503:
+                    break
+                time.sleep(0.05)
+            assert status == 503
+            refused = httpx.post(url + "/v1/chat/completions", headers=headers, timeout=10,
+                                 json={"model": MODEL, "messages": body["messages"], "max_tokens": 2})
+            assert refused.status_code == 503 and refused.json()["error"]["type"] == "service_unavailable"
+            rest = list(lines)
+        assert rest[-2:] == ["data: [DONE]", ""] or "data: [DONE]" in rest
+        tokens = sum(1 for ln in rest if ln.startswith("data: {") and '"content":"' in ln)
+        assert tokens >= 100  # the in-flight stream ran to its end
+        assert proc.wait(timeout=60) == 0
+    finally:
+        _stop(proc)
