@@ -33,7 +33,8 @@ import yaml
 from hearth.runtime.errors import InvalidRequestError
 from hearth.runtime.registry import DEFAULT_MODEL
 
-DEFAULT_EMBEDDING_MODEL = "all-minilm-l6-v2"
+from .embeddings import DEFAULT_EMBEDDING_MODEL
+
 BACKENDS = ("auto", "llamacpp", "transformers")
 TOOL_PARSERS = ("hermes", "llama3", "mistral", "json")
 SAMPLING_DEFAULT_KEYS = {"temperature", "top_p", "top_k", "min_p", "max_tokens", "presence_penalty",
