@@ -2,6 +2,7 @@
 
     hearth bench engine --json out.json [--threads 2] [--quick] [--backends llamacpp,transformers]
     hearth bench serve --json out.json [--mode both|no-ray|ray] [--concurrency 1,4,16,32] [--max-tokens 64]
+    hearth bench quantize --json out.json --png out.png [--quick] [--only NAME ...]
 
 The benchmarks are not part of the installed package: they are loaded from `bench/<name>.py` in
 the source tree beside this package (a git checkout or an editable install). Each one defines
@@ -22,6 +23,8 @@ BENCHMARKS = {
                             "memory bandwidth"),
     "serve": ("serve.py", "the OpenAI HTTP server (no-ray and Ray Serve) vs the in-process engine: tok/s, TTFT, "
                           "inter-token latency per concurrency level"),
+    "quantize": ("quantize.py", "quality of the default model's int8 / GPTQ / GGUF artifacts against fp32: "
+                                "perplexity, KL, agreement, size"),
 }
 
 

@@ -1,0 +1,150 @@
+"""The `quantize` command and its recipes, as a user runs them: exit codes, outputs, reports, reruns.
+
+    python -m pytest tests/quantize/test_cli.py -q
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hearth.quantize.cli import main
+from hearth.quantize.common import QuantizeError
+from hearth.quantize.recipe import load_recipe
+
+from tests.conftest import build_tiny_model
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("q-cli") / "tiny", hidden_size=64, intermediate_size=128)
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+# ----------------------------------------------------------------------------- recipe checks
+
+
+@pytest.mark.parametrize("body, words", [
+    ("source: x\noutput_dir: o\nartifacts: []\n", ["at least one artifact"]),
+    ("source: x\noutput_dir: o\nartifacts:\n  - {name: a, method: awq}\n", ["artifacts[0]", "awq", "gptq"]),
+    ("source: x\noutput_dir: o\nartifacts:\n  - {name: a, method: gptq, bitz: 4}\n", ["bitz", "bits"]),
+    ("source: x\noutput_dir: o\nartifacts:\n  - {name: a, method: gguf, type: q8_0}\n", ["*.gguf"]),
+    ("source: x\noutput_dir: o\nartifacts:\n  - {name: a, method: merge}\n", ["adapter"]),
+    ("source: x\noutput_dir: o\nartifacts:\n  - {name: a, method: bnb}\n  - {name: a, method: bnb}\n",
+     ["unique", "'a'"]),
+    ("source: x\nartifacts:\n  - {name: a, method: bnb}\n", ["output_dir"]),
+    ("source: x\noutput_dir: o\nartifact: []\n", ["artifact", "unknown"]),
+    ("source: [x\n", ["YAML"]),
+])
+def test_a_bad_recipe_names_what_is_wrong(tmp_path, body, words):
+    f = _write(tmp_path / "r.yaml", body)
+    with pytest.raises(QuantizeError) as e:
+        load_recipe(f)
+    for w in words:
+        assert w in str(e.value)
+    assert str(f) in str(e.value)
+
+
+def test_the_bundled_recipe_loads():
+    r = load_recipe(Path(__file__).resolve().parents[2] / "quantize" / "recipes" / "smollm2.yaml")
+    assert {a.method for a in r.artifacts} == {"bnb", "gptq", "gguf"}
+    gptq4 = next(a for a in r.artifacts if a.name == "gptq-int4")
+    assert gptq4.options["bits"] == 4 and gptq4.options["group_size"] == 128 and gptq4.max_ppl_increase == 10
+
+
+# ----------------------------------------------------------------------------- the command
+
+
+def test_missing_checkpoint_is_a_clear_error_not_a_traceback(tmp_path):
+    missing = tmp_path / "nope"
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    p = subprocess.run([sys.executable, "-m", "hearth.quantize.cli", "gguf", str(missing), "--type", "f16",
+                        "-o", str(tmp_path / "o.gguf")], capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 2, p.stderr
+    assert "Traceback" not in p.stderr and str(missing) in p.stderr and "error" in p.stderr
+    assert not (tmp_path / "o.gguf").exists()
+
+
+def test_unknown_gguf_type_is_refused(tiny, tmp_path, capsys):
+    assert main(["gguf", str(tiny), "--type", "q3_xs", "-o", str(tmp_path / "o.gguf")]) == 2
+    err = capsys.readouterr().err
+    assert "q3_xs" in err and "q4_k_m" in err
+
+
+def test_gguf_with_report_and_gate(tiny, tmp_path, capsys):
+    out = tmp_path / "tiny-f16.gguf"
+    rc = main(["gguf", str(tiny), "--type", "f16", "-o", str(out), "--report", "--quick",
+               "--max-ppl-increase", "5"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert out.is_file() and str(out) in captured.out
+    assert "quality gate passed" in captured.err
+    from hearth.quantize.gguf import read_hearth_metadata
+    meta = read_hearth_metadata(out)
+    assert any("quality" in k for k in meta)  # the report went into the GGUF's metadata
+
+
+def test_report_gate_fails_with_exit_1_on_a_damaged_artifact(tiny, tmp_path, capsys):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from hearth.quantize.common import copy_tokenizer, quantized_manifest
+    from hearth.runtime.checkpoint import write_manifest
+
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    state = load_file(str(tiny / "model.safetensors"))
+    gen = torch.Generator().manual_seed(0)
+    for k, v in state.items():
+        if v.dim() == 2 and "embed" not in k:
+            state[k] = v + 0.5 * torch.randn(v.shape, generator=gen)
+    save_file(state, str(damaged / "model.safetensors"), metadata={"format": "pt"})
+    (damaged / "config.json").write_text((tiny / "config.json").read_text())
+    copy_tokenizer(tiny, damaged)
+    write_manifest(damaged, quantized_manifest(tiny, "test-damage", {"noise": 0.5}))
+
+    assert main(["report", str(damaged), "--quick", "--max-ppl-increase", "1"]) == 1
+    err = capsys.readouterr().err
+    assert "quality gate failed" in err and "perplexity" in err
+
+
+# ----------------------------------------------------------------------------- recipes end to end
+
+
+def test_recipe_builds_reports_and_resumes(tiny, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    recipe = _write(tmp_path / "r.yaml", f"""
+source: {tiny}
+output_dir: out
+report: {{quick: true}}
+artifacts:
+  - {{name: tiny-f16.gguf, method: gguf, type: f16, max_ppl_increase: 5}}
+  - {{name: tiny-q8_0.gguf, method: gguf, type: q8_0}}
+""")
+    assert main(["recipe", str(recipe)]) == 0, capsys.readouterr().err
+    out = tmp_path / "out"
+    assert (out / "tiny-f16.gguf").is_file() and (out / "tiny-q8_0.gguf").is_file()
+    summary = json.loads((out / "summary.json").read_text())
+    assert [Path(r["artifact"]).name for r in summary] == ["tiny-f16.gguf", "tiny-q8_0.gguf"]
+    f16, q8 = summary
+    assert f16["kl_mean"] < q8["kl_mean"]  # f16 is closer to the fp32 parent than q8_0
+    assert q8["size_bytes"] < f16["size_bytes"]
+    assert (out / "summary.png").stat().st_size > 1000
+    assert "tiny-q8_0.gguf" in (out / "summary.md").read_text()
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temp left behind
+
+    capsys.readouterr()
+    assert main(["recipe", str(recipe), "--only", "tiny-q8_0.gguf"]) == 0
+    assert "already built" in capsys.readouterr().err
+
+    assert main(["recipe", str(recipe), "--only", "nope"]) == 2
+    assert "nope" in capsys.readouterr().err
