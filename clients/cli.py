@@ -5,6 +5,9 @@
     hearth chat [--model PATH]
     hearth plan MODEL --device rtx3090 --context 4096 --concurrency 8 --quant int4
     hearth bench engine --json out.json
+    hearth train sft --config training/recipes/sft_lora.yaml [--resume]
+    hearth eval mc --model CKPT --data tests.jsonl
+    hearth data self-instruct --seeds seeds.jsonl --teacher URL --model M --n N
 
 Each command group lives in its own module with `add_parser(subparsers)`; this file only dispatches.
 """
@@ -23,6 +26,9 @@ COMMANDS = {
     "plan": "cmd_plan",
     "bench": "cmd_bench",
     "serve": "cmd_serve",
+    "train": "cmd_train",
+    "eval": "cmd_eval",
+    "data": "cmd_data",
 }
 
 
