@@ -55,7 +55,13 @@ def main(argv: list[str] | None = None) -> int:
     from hearth.runtime.errors import HearthError
 
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # `key=value` overrides may follow the options (`hearth train sft --config r.yaml max_steps=5`)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides = list(args.overrides or []) + extra
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return int(args.func(args) or 0)
     except HearthError as e:
