@@ -1,0 +1,522 @@
+"""Supervised fine-tuning (instruction tuning): full, LoRA or QLoRA, loss on assistant tokens only.
+
+    hearth train sft --config training/recipes/sft_lora.yaml
+    hearth train sft --config training/recipes/sft_lora.yaml --resume            # after a crash
+    hearth train sft --config training/recipes/sft_qlora.yaml max_steps=20 output_dir=runs/q
+    deepspeed --num_gpus 2 -m hearth.clients.cli train sft --config training/recipes/sft_full.yaml \
+        deepspeed=training/deepspeed/zero2.json                                    # multi-GPU, ZeRO
+
+Data: Alpaca/BELLE, OpenAI `messages` or ShareGPT `conversations` JSONL (hearth.training.data), rendered
+with the model's chat template. On one device a plain loop trains (AdamW, warmup + cosine, gradient
+accumulation, autocast in bf16/fp16 where the GPU has it); with `deepspeed` set, transformers' Trainer
+runs the same data under DeepSpeed ZeRO (CUDA only).
+
+Output in `output_dir`: full → the fine-tuned checkpoint; lora/qlora → the adapter in `<out>/adapter`
+(adapter_model.safetensors + adapter_config.json) and, with `merge: true`, the merged full weights as the
+checkpoint (a QLoRA adapter is merged into the NF4-rounded base it was trained against). Beside it:
+hearth.json (stage sft, method sft-full|sft-lora|sft-qlora, parent pinned by hash, data hashes),
+metrics.jsonl, loss.png and checkpoints/step-N for --resume.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from hearth.runtime.chat_template import DEFAULT_CHATML_TEMPLATE
+from hearth.runtime.registry import DEFAULT_MODEL, resolve_model
+
+from .common import (MetricsLog, RunDir, TrainingConfigError, config_to_dict, peak_memory_mb, pick_precision,
+                     plot_metrics, publish, say, stage_manifest)
+from .data import ChatCollator, epoch_order, load_chat_files, render_chats, split_eval
+
+# every linear projection of a LLaMA-family decoder block (attention and MLP)
+LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+TRAINABLE_FILE = "trainable.safetensors"
+OPTIMIZER_FILE = "optimizer.pt"
+
+
+@dataclass
+class Config:
+    """One SFT run; `training/recipes/sft_*.yaml` mirror it."""
+
+    model: str = DEFAULT_MODEL
+    """A registered model name or a checkpoint directory (HF safetensors layout)."""
+    data: list[str] = field(default_factory=lambda: ["training/data/instructions.jsonl"])
+    """Chat data files (JSONL or JSON arrays; Alpaca/BELLE, OpenAI messages, ShareGPT)."""
+    output_dir: str = "runs/sft"
+    method: Literal["full", "lora", "qlora"] = "lora"
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: list(LLAMA_PROJECTIONS))
+    """Module names LoRA adapts; the default is every linear projection of a LLaMA-family block."""
+    learning_rate: float = 2e-4
+    epochs: int = 1
+    max_steps: int | None = None
+    """Optimizer steps; overrides `epochs` when set."""
+    batch_size: int = 4
+    grad_accum: int = 1
+    """Micro-batches per optimizer step (effective batch = batch_size * grad_accum)."""
+    max_length: int = 512
+    """Tokens per example; longer conversations are cut at the end."""
+    warmup: float = 0.03
+    """Linear warmup: a fraction of the total steps when < 1, else a number of steps."""
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    gradient_checkpointing: bool = False
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    """auto: bf16 on GPUs that have it, fp16 on older GPUs, fp32 on CPU."""
+    device: str = "auto"
+    save_every: int = 50
+    """Write a resumable checkpoint every this many steps."""
+    keep_checkpoints: int = 2
+    eval_fraction: float = 0.0
+    """Fraction of the examples held out for eval_loss (0: no eval split)."""
+    eval_every: int | None = None
+    """Steps between evaluations (default: save_every); one more at the end."""
+    merge: bool = True
+    """After LoRA/QLoRA also publish the merged full weights as the checkpoint."""
+    deepspeed: str | None = None
+    """A DeepSpeed ZeRO config JSON (training/deepspeed/zero2.json, zero3.json): train through
+    transformers' Trainer under DeepSpeed. Needs CUDA."""
+
+    def __post_init__(self) -> None:
+        if not self.data:
+            raise ValueError("data: give at least one data file")
+        for name in ("lora_r", "lora_alpha", "epochs", "batch_size", "grad_accum", "max_length", "save_every",
+                     "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1 (or null to train for `epochs`); got {self.max_steps}")
+        if self.eval_every is not None and self.eval_every < 1:
+            raise ValueError(f"eval_every must be >= 1; got {self.eval_every}")
+        if not 0 <= self.lora_dropout < 1:
+            raise ValueError(f"lora_dropout must be in [0, 1); got {self.lora_dropout}")
+        if not 0 <= self.eval_fraction < 1:
+            raise ValueError(f"eval_fraction must be in [0, 1); got {self.eval_fraction}")
+        if self.learning_rate <= 0:
+            raise ValueError(f"learning_rate must be > 0; got {self.learning_rate}")
+        if self.warmup < 0 or self.weight_decay < 0 or self.max_grad_norm < 0:
+            raise ValueError("warmup, weight_decay and max_grad_norm must be >= 0")
+        if self.method != "full" and not self.target_modules:
+            raise ValueError("target_modules: LoRA needs at least one module name")
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _data_path(p: str) -> Path:
+    """A data file as given, else the bundled copy (recipes name training/data/... from the repo root)."""
+    path = Path(p).expanduser()
+    if path.exists() or path.is_absolute():
+        return path
+    bundled = Path(__file__).resolve().parent / Path(*Path(p).parts[1:]) if Path(p).parts[0] == "training" else None
+    return bundled if bundled is not None and bundled.exists() else path
+
+
+def _dtype(precision: str):
+    import torch
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+
+
+def _bnb_config(compute_dtype):
+    from transformers import BitsAndBytesConfig
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute_dtype)
+
+
+def _load_model(cfg: Config, base: Path, device: str, precision: str):
+    """The model to train: full weights in fp32 (autocast does the low-precision math), a frozen base in
+    the compute dtype under LoRA adapters, or an NF4 base under LoRA adapters (QLoRA)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    compute = _dtype(precision)
+    kw: dict[str, Any] = {"local_files_only": True, "use_safetensors": True}
+    if cfg.method == "qlora":
+        try:
+            import bitsandbytes  # noqa: F401  (fail here with a clear message, not deep in transformers)
+        except ImportError:
+            raise TrainingConfigError("method: qlora needs bitsandbytes (pip install bitsandbytes)") from None
+        model = AutoModelForCausalLM.from_pretrained(base, quantization_config=_bnb_config(compute), dtype=compute,
+                                                     device_map={"": device}, **kw)
+    else:
+        dtype = torch.float32 if cfg.method == "full" else compute
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, **kw).to(device)
+    model.config.use_cache = False  # no KV cache while training; it conflicts with checkpointing
+    if cfg.method == "full":
+        if cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return model
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if cfg.method == "qlora":
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=cfg.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=list(cfg.target_modules), bias="none", task_type="CAUSAL_LM")
+    try:
+        return get_peft_model(model, lora)
+    except ValueError as e:  # peft: none of the target modules exist in this model
+        raise TrainingConfigError(f"target_modules {cfg.target_modules}: {e}") from None
+
+
+def _lr_at(step: int, total: int, cfg: Config) -> float:
+    """Linear warmup, then cosine decay to a tenth of the peak."""
+    warm = int(cfg.warmup * total) if cfg.warmup < 1 else int(cfg.warmup)
+    if step < warm:
+        return cfg.learning_rate * (step + 1) / warm
+    progress = (step - warm) / max(1, total - warm)
+    return cfg.learning_rate * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def _token_loss(model, batch: dict[str, Any]):
+    """Sum of next-token cross-entropy over labelled tokens, and their count."""
+    import torch.nn.functional as F
+
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
+    labels = batch["labels"][:, 1:]  # (B, T-1): token t+1 is predicted at position t
+    loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.size(-1)), labels.reshape(-1),
+                           ignore_index=-100, reduction="sum")
+    return loss, int((labels != -100).sum())
+
+
+def _evaluate(model, rows, collate, cfg: Config, device: str, autocast) -> float:
+    import torch
+
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(rows), cfg.batch_size):
+            batch = {k: v.to(device) for k, v in collate(rows[i:i + cfg.batch_size]).items()}
+            with autocast():
+                loss, n = _token_loss(model, batch)
+            total += float(loss)
+            count += n
+    model.train(was_training)
+    return total / max(1, count)
+
+
+def _trainable(model) -> dict[str, Any]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _save_checkpoint(run: RunDir, step: int, model, opt, scaler, state: dict[str, Any]) -> Path:
+    import torch
+    from safetensors.torch import save_file
+
+    def fill(tmp: Path) -> None:
+        save_file({n: p.detach().contiguous().cpu() for n, p in _trainable(model).items()}, tmp / TRAINABLE_FILE)
+        extra = {"optimizer": opt.state_dict()}
+        if scaler is not None:
+            extra["scaler"] = scaler.state_dict()
+        torch.save(extra, tmp / OPTIMIZER_FILE)
+
+    return run.save_checkpoint(step, fill, state)
+
+
+def _load_checkpoint(path: Path, model, opt, scaler) -> None:
+    import torch
+    from safetensors.torch import load_file
+
+    saved = load_file(path / TRAINABLE_FILE)
+    params = _trainable(model)
+    if set(saved) != set(params):
+        missing, extra = sorted(set(params) - set(saved))[:3], sorted(set(saved) - set(params))[:3]
+        raise TrainingConfigError(f"checkpoint {path} does not fit this config (method or target_modules "
+                                  f"changed?): missing {missing}, unexpected {extra}")
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(saved[n].to(p.device, p.dtype))
+    extra = torch.load(path / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
+    opt.load_state_dict(extra["optimizer"])
+    if scaler is not None and "scaler" in extra:
+        scaler.load_state_dict(extra["scaler"])
+
+
+# ----------------------------------------------------------------------------- publishing
+
+
+def _merged_model(base: Path, adapter_dir: Path, qlora: bool):
+    """Base + adapter folded into plain weights, in the base's dtype on CPU. For QLoRA each quantized
+    linear is first rounded through NF4 exactly as training saw it, so the merge computes what was trained."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    kw: dict[str, Any] = {"local_files_only": True, "use_safetensors": True}
+    model = AutoModelForCausalLM.from_pretrained(base, dtype="auto", **kw)
+    if qlora:
+        import bitsandbytes as bnb
+        import bitsandbytes.functional as bnbf
+
+        quant = AutoModelForCausalLM.from_pretrained(base, quantization_config=_bnb_config(model.dtype),
+                                                     dtype=model.dtype, device_map={"": "cpu"}, **kw)
+        rounded = {n: bnbf.dequantize_4bit(m.weight.data, m.weight.quant_state)
+                   for n, m in quant.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+        with torch.no_grad():
+            for n, m in model.named_modules():
+                if n in rounded:
+                    m.weight.copy_(rounded[n].to(m.weight.dtype))
+        del quant
+    return PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
+
+
+def _publish(cfg: Config, run: RunDir, base: Path, tokenizer, data_files: list[Path], metrics: dict[str, Any],
+             save_full=None, save_adapter=None) -> Path:
+    """The final model into output_dir: full weights (save_full(dir)) or the adapter (save_adapter(dir))
+    plus, with merge, the merged weights; tokenizer and chat template; hearth.json."""
+
+    def fill(tmp: Path) -> None:
+        if save_full is not None:
+            save_full(tmp)
+        else:
+            save_adapter(tmp / "adapter")
+            if cfg.merge:
+                say("merging the adapter into the base weights")
+                _merged_model(base, tmp / "adapter", cfg.method == "qlora").save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+
+    params = config_to_dict(cfg)
+    params["base"] = str(base)
+    manifest = stage_manifest("sft", f"sft-{cfg.method}", base, params, data_files, metrics)
+    return publish(run.out, fill, manifest)
+
+
+def _report(metrics: dict[str, Any]) -> None:
+    mem = ", ".join(f"{k} {v:.0f}" for k, v in peak_memory_mb().items())
+    say(f"done: {metrics.get('train_tokens_per_s', 0):.1f} training tokens/s; peak memory (MB): {mem}")
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def run(config: Config, resume: bool = False) -> Path:
+    """Fine-tune `config.model` on `config.data`; returns the output checkpoint directory."""
+    import torch
+    from tqdm import tqdm
+    from transformers import AutoTokenizer
+
+    cfg = config
+    base = resolve_model(cfg.model, prefer="hf")
+    data_files = [_data_path(p) for p in cfg.data]
+    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if cfg.deepspeed and not device.startswith("cuda"):
+        raise TrainingConfigError(f"deepspeed: {cfg.deepspeed} needs CUDA GPUs and none is available; "
+                                  "remove `deepspeed` to train on this device")
+    precision = pick_precision(device, cfg.precision)
+    if precision != "fp32" and not device.startswith("cuda"):
+        raise TrainingConfigError(f"precision: {precision} training needs a GPU; use fp32 or auto on {device}")
+
+    tokenizer = AutoTokenizer.from_pretrained(base, local_files_only=True)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if not tokenizer.chat_template:  # render, and ship, the template the runtime assumes for such models
+        say(f"{base} has no chat template; training with ChatML")
+        tokenizer.chat_template = DEFAULT_CHATML_TEMPLATE
+    rows = render_chats(tokenizer, load_chat_files(data_files), cfg.max_length)
+    if not rows:
+        raise TrainingConfigError(f"data: no example fits max_length={cfg.max_length}")
+    train_idx, eval_idx = split_eval(len(rows), cfg.eval_fraction, cfg.seed)
+    train_rows, eval_rows = [rows[i] for i in train_idx], [rows[i] for i in eval_idx]
+    micro_per_epoch = math.ceil(len(train_rows) / cfg.batch_size)
+    total = cfg.max_steps or math.ceil(cfg.epochs * micro_per_epoch / cfg.grad_accum)
+    say(f"{cfg.method} fine-tuning of {base.name} on {len(train_rows)} examples ({len(eval_rows)} held out), "
+        f"{total} steps, {precision} on {device}")
+
+    run_dir = RunDir(cfg.output_dir, keep=cfg.keep_checkpoints)
+    start = run_dir.latest() if resume else None
+    if resume and start is None:
+        say(f"no checkpoint in {run_dir.checkpoints}; starting from step 0")
+    if not resume and run_dir.checkpoints.exists():
+        shutil.rmtree(run_dir.checkpoints)  # a fresh run must never resume from an older run's steps
+    if cfg.deepspeed:
+        return _run_deepspeed(cfg, run_dir, base, tokenizer, train_rows, eval_rows, data_files, total,
+                              precision, resume)
+
+    torch.manual_seed(cfg.seed)  # LoRA's A matrices start random: same seed, same run
+    model = _load_model(cfg, base, device, precision)
+    model.train()
+    params = _trainable(model)
+    decay = [p for p in params.values() if p.dim() >= 2]
+    no_decay = [p for p in params.values() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.learning_rate)
+    scaler = torch.amp.GradScaler(device) if precision == "fp16" else None
+    dev_type = torch.device(device).type
+
+    def autocast():
+        return torch.autocast(dev_type, dtype=_dtype(precision), enabled=precision != "fp32")
+
+    step = 0
+    if start is not None:
+        _load_checkpoint(start.path, model, opt, scaler)
+        step = start.step
+        say(f"resuming from {start.path} (step {step} of {total})")
+    log = MetricsLog(run_dir.metrics, resume_step=step if start is not None else None)
+    collate = ChatCollator(tokenizer.pad_token_id)
+    eval_every = cfg.eval_every or cfg.save_every
+    orders: dict[int, list[int]] = {}
+
+    def micro_batch(m: int):
+        # micro-batch m of the whole run: its epoch's seeded order, sliced; resume recomputes the same
+        epoch, b = divmod(m, micro_per_epoch)
+        if epoch not in orders:
+            orders.clear()
+            orders[epoch] = epoch_order(len(train_rows), cfg.seed, epoch)
+        idx = orders[epoch][b * cfg.batch_size:(b + 1) * cfg.batch_size]
+        return collate([train_rows[i] for i in idx])
+
+    tokens, t0, eval_loss = 0, time.perf_counter(), None
+    loss_value = float(start.state.get("loss", "nan")) if start is not None else float("nan")
+    bar = tqdm(total=total, initial=step, desc=f"sft-{cfg.method}", unit="step", dynamic_ncols=True)
+    while step < total:
+        torch.manual_seed(cfg.seed * 1_000_003 + step)  # dropout masks depend on the step: resume repeats them
+        batches = [micro_batch(step * cfg.grad_accum + k) for k in range(cfg.grad_accum)]
+        n_labels = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+        lr = _lr_at(step, total, cfg)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        loss_sum = 0.0
+        for b in batches:
+            b = {k: v.to(device) for k, v in b.items()}
+            with autocast():
+                loss, _ = _token_loss(model, b)
+            loss = loss / max(1, n_labels)  # mean over the step's labelled tokens, not per micro-batch
+            (scaler.scale(loss) if scaler else loss).backward()
+            loss_sum += loss.detach().item()
+            tokens += int(b["attention_mask"].sum())
+        if scaler:
+            scaler.unscale_(opt)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.max_grad_norm or float("inf")))
+        if scaler:
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        loss_value = loss_sum
+        record: dict[str, Any] = {"step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm}
+        if eval_rows and (step % eval_every == 0 or step == total):
+            eval_loss = _evaluate(model, eval_rows, collate, cfg, device, autocast)
+            record["eval_loss"] = eval_loss
+        log.log(**record)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_value:.4f}")
+        if step % cfg.save_every == 0 and step < total:
+            _save_checkpoint(run_dir, step, model, opt, scaler, {"loss": loss_value, "total_steps": total})
+    bar.close()
+    elapsed = time.perf_counter() - t0
+    plot_metrics(run_dir.metrics, run_dir.plot, title=f"sft-{cfg.method}")
+
+    metrics: dict[str, Any] = {"final_loss": loss_value, "steps": total,
+                               "train_tokens_per_s": tokens / elapsed if elapsed > 0 else 0.0,
+                               "examples": len(train_rows), **peak_memory_mb()}
+    if eval_loss is not None:
+        metrics["eval_loss"] = eval_loss
+    if cfg.method == "full":
+        def save_full(d: Path) -> None:
+            model.save_pretrained(d, safe_serialization=True)
+        out = _publish(cfg, run_dir, base, tokenizer, data_files, metrics, save_full=save_full)
+    else:
+        out = _publish(cfg, run_dir, base, tokenizer, data_files, metrics,
+                       save_adapter=lambda d: model.save_pretrained(d, safe_serialization=True))
+    _report(metrics)
+    return out
+
+
+# ----------------------------------------------------------------------------- multi-GPU (DeepSpeed)
+
+
+def _run_deepspeed(cfg: Config, run_dir: RunDir, base: Path, tokenizer, train_rows, eval_rows,
+                   data_files: list[Path], total: int, precision: str, resume: bool) -> Path:
+    """The same data and model under transformers' Trainer with DeepSpeed ZeRO (launch with `deepspeed`
+    or `accelerate launch` for several GPUs). Trainer keeps its own checkpoints in <out>/checkpoints/trainer."""
+    import torch
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    try:
+        import deepspeed  # noqa: F401
+    except ImportError:
+        raise TrainingConfigError("deepspeed: the deepspeed package is not installed (pip install deepspeed)") from None
+    ds_config = Path(cfg.deepspeed).expanduser()
+    if not ds_config.is_file():
+        bundled = Path(__file__).resolve().parent / "deepspeed" / ds_config.name
+        if not bundled.is_file():
+            raise TrainingConfigError(f"deepspeed: no DeepSpeed config at {ds_config}")
+        ds_config = bundled
+    device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    torch.manual_seed(cfg.seed)
+    model = _load_model(cfg, base, device if cfg.method == "qlora" else "cpu", precision)
+    trainer_dir = run_dir.checkpoints / "trainer"  # under checkpoints/, which publish leaves alone
+    warm = int(cfg.warmup * total) if cfg.warmup < 1 else int(cfg.warmup)
+    args = TrainingArguments(
+        output_dir=str(trainer_dir), per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.learning_rate, max_steps=total, warmup_steps=warm, weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm, lr_scheduler_type="cosine", seed=cfg.seed, data_seed=cfg.seed,
+        bf16=precision == "bf16", fp16=precision == "fp16",
+        gradient_checkpointing=cfg.gradient_checkpointing and cfg.method != "qlora",
+        gradient_checkpointing_kwargs={"use_reentrant": False}, deepspeed=str(ds_config),
+        logging_steps=1, save_steps=cfg.save_every, save_total_limit=cfg.keep_checkpoints,
+        eval_strategy="steps" if eval_rows else "no", eval_steps=cfg.eval_every or cfg.save_every,
+        report_to=[], remove_unused_columns=False, disable_tqdm=False)
+    saved = sorted((int(p.name.split("-")[1]), p) for p in trainer_dir.glob("checkpoint-*")
+                   if p.name.split("-")[1].isdigit())
+    if not resume and trainer_dir.exists():
+        shutil.rmtree(trainer_dir)  # a fresh run must never resume from an older run's steps
+    resume_from = str(saved[-1][1]) if resume and saved else None
+    log = MetricsLog(run_dir.metrics, resume_step=saved[-1][0] if resume_from else None)
+
+    class Metrics(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kw):
+            if state.is_world_process_zero and logs:
+                log.log(step=state.global_step, **{k: v for k, v in logs.items() if isinstance(v, (int, float))})
+
+    as_dicts = lambda rs: [{"input_ids": x, "labels": y} for x, y in rs]  # noqa: E731
+    trainer = Trainer(model=model, args=args, train_dataset=as_dicts(train_rows),
+                      eval_dataset=as_dicts(eval_rows) or None, data_collator=ChatCollator(tokenizer.pad_token_id),
+                      callbacks=[Metrics()])
+    t0 = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=resume_from)
+    elapsed = time.perf_counter() - t0
+    final = trainer_dir / "final"
+    trainer.save_model(str(final))  # collective under ZeRO-3: every rank takes part in gathering weights
+    if not trainer.is_world_process_zero():
+        return run_dir.out
+    plot_metrics(run_dir.metrics, run_dir.plot, keys=("loss", "eval_loss"), title=f"sft-{cfg.method}")
+    # examples seen x mean example length (Trainer does not count tokens itself)
+    seen = (total - (saved[-1][0] if resume_from else 0)) * cfg.batch_size * cfg.grad_accum * \
+        int(os.environ.get("WORLD_SIZE", 1))
+    n_tokens = seen * sum(len(x) for x, _ in train_rows) / len(train_rows)
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    metrics = {"final_loss": losses[-1] if losses else result.training_loss, "steps": total, "train_tokens_per_s": n_tokens / elapsed,
+               "examples": len(train_rows), "deepspeed": ds_config.name, **peak_memory_mb()}
+
+    def copy_from(src: Path):
+        def fill(d: Path) -> None:
+            d.mkdir(parents=True, exist_ok=True)
+            for f in src.iterdir():
+                if f.is_file() and f.suffix in (".safetensors", ".json"):
+                    shutil.copy2(f, d / f.name)
+        return fill
+
+    if cfg.method == "full":
+        out = _publish(cfg, run_dir, base, tokenizer, data_files, metrics, save_full=copy_from(final))
+    else:
+        out = _publish(cfg, run_dir, base, tokenizer, data_files, metrics, save_adapter=copy_from(final))
+    _report(metrics)
+    return out
