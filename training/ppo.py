@@ -1,0 +1,329 @@
+"""RLHF: policy optimisation against a reward model with a KL penalty to the reference policy.
+
+    hearth train ppo --config training/recipes/ppo.yaml
+    hearth train ppo --config training/recipes/ppo.yaml --resume max_steps=60
+
+Which algorithm: TRL 1.16 no longer ships PPOTrainer (neither in trl nor trl.experimental). Its maintained
+trainer for exactly this setup is RLOOTrainer (REINFORCE Leave-One-Out, Ahmadian et al. 2024, "Back to
+Basics", written as the simpler, critic-free replacement for PPO in RLHF): for each prompt it samples
+`num_generations` answers, scores them with the reward model, subtracts β·KL(policy ‖ reference) from each
+sequence's reward (the same KL-in-the-reward penalty PPO-RLHF uses), and takes as baseline the mean reward of
+the prompt's other answers, so no value network is needed; updates are PPO-clipped (`epsilon`). GRPO puts
+the KL in the loss instead and normalises rewards per group; RLOO keeps the classic RLHF objective, so it is
+the one used here. With LoRA the reference is the base with the adapter switched off.
+
+The reward is either a reward-model checkpoint from `hearth train rm` (`reward_model: runs/rm`) or a Python
+callable named as "module:function" (`reward_function: mypkg.rewards:brevity`), called with keyword
+arguments `completions` (list[str], the generated answers) and `prompts` (list of chat-message lists) and
+returning one float per completion. Prompts come from a JSONL whose records carry "prompt" (text or chat
+messages) or "messages"; a preference file works as is (its answers are ignored).
+
+Output: a causal LM in HF layout (stage "rlhf", method "rloo"; a LoRA adapter merged in and kept under
+adapter/) that hearth's runtime serves; the reward model is named in the manifest's parameters, pinned by
+content hash. metrics.jsonl logs the mean reward (`reward`) and the KL to the reference (`kl`) each step.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+from hearth.training.common import (MetricsLog, RunDir, TrainingConfigError, TrainingDataError, config_to_dict,
+                                    peak_memory_mb, pick_precision, plot_metrics, publish, say, stage_manifest)
+
+BUNDLED_PREFERENCES = Path(__file__).parent / "data" / "preferences.jsonl"
+HF_SCRATCH = ".trainer"  # where TRL writes its checkpoint-N before we move it into checkpoints/step-N
+
+
+@dataclass
+class Config:
+    """The ppo recipe (training/recipes/ppo.yaml mirrors it)."""
+
+    output_dir: str
+    """Where the trained policy, checkpoints/, metrics.jsonl and loss.png go."""
+    model: str = "smollm2-135m-instruct"
+    """The starting policy (a checkpoint dir or a registered model name); also the KL reference."""
+    reward_model: str | None = None
+    """A reward-model checkpoint (the rm stage's output). Exactly one of reward_model / reward_function."""
+    reward_function: str | None = None
+    """A Python reward callable as "module:function" (see the module docstring for its contract)."""
+    prompts: str = str(BUNDLED_PREFERENCES)
+    """JSONL of prompts: "prompt" (text or messages) or "messages" per record; other fields are ignored."""
+    beta: float = 0.05
+    """KL coefficient: each answer's reward loses beta * KL(policy || reference). 0 turns the penalty off."""
+    num_generations: int = 4
+    """Answers sampled per prompt; each answer's baseline is the mean reward of the others (leave-one-out)."""
+    prompts_per_step: int = 2
+    """Prompts per optimizer step (per device); the batch is prompts_per_step * num_generations answers."""
+    max_completion_length: int = 64
+    temperature: float = 1.0
+    epsilon: float = 0.2
+    """PPO clip range of the probability ratio."""
+    normalize_advantages: bool = False
+    max_steps: int = 40
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 1e-5
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    lora: bool = True
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    gradient_checkpointing: bool = False
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    device: str = "auto"
+    """"auto" (CUDA when present), "cpu" or "cuda"."""
+    seed: int = 0
+    save_steps: int = 10
+    keep_checkpoints: int = 2
+    logging_steps: int = 1
+
+    def __post_init__(self) -> None:
+        if (self.reward_model is None) == (self.reward_function is None):
+            raise TrainingConfigError("give exactly one of reward_model (an rm checkpoint) and reward_function "
+                                      "(module:function)")
+        if self.reward_function is not None and (self.reward_function.count(":") != 1
+                                                 or not all(self.reward_function.split(":"))):
+            raise TrainingConfigError(f"reward_function must look like 'module:function'; got {self.reward_function!r}")
+        if self.beta < 0:
+            raise TrainingConfigError(f"beta must be >= 0; got {self.beta}")
+        if self.num_generations < 2:
+            raise TrainingConfigError(f"num_generations must be >= 2 (the leave-one-out baseline needs a sibling); "
+                                      f"got {self.num_generations}")
+        for name in ("prompts_per_step", "max_completion_length", "max_steps", "gradient_accumulation_steps",
+                     "lora_r", "save_steps", "logging_steps"):
+            if getattr(self, name) < 1:
+                raise TrainingConfigError(f"{name} must be >= 1; got {getattr(self, name)}")
+        if self.temperature <= 0:
+            raise TrainingConfigError(f"temperature must be > 0; got {self.temperature}")
+        if self.learning_rate <= 0:
+            raise TrainingConfigError(f"learning_rate must be > 0; got {self.learning_rate}")
+        if self.keep_checkpoints < 1:
+            raise TrainingConfigError(f"keep_checkpoints must be >= 1 (resume needs one); got {self.keep_checkpoints}")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise TrainingConfigError(f"device must be auto, cpu or cuda[:N]; got {self.device!r}")
+
+
+# ----------------------------------------------------------------------------- prompts and rewards
+
+
+def load_prompts(path: str | Path) -> list[list[dict[str, str]]]:
+    """Prompts as chat messages ending with a user turn; a bad record names the file, line and field."""
+    p = Path(path)
+    try:
+        lines = p.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise TrainingDataError(p, None, None, "no such file") from None
+    except UnicodeDecodeError as e:
+        raise TrainingDataError(p, None, None, f"not UTF-8 text ({e})") from None
+    prompts = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise TrainingDataError(p, n, None, f"not valid JSON ({e.msg})") from None
+        if not isinstance(rec, dict):
+            raise TrainingDataError(p, n, None, f"a record must be a JSON object; got {type(rec).__name__}")
+        key = "prompt" if "prompt" in rec else "messages" if "messages" in rec else None
+        if key is None:
+            raise TrainingDataError(p, n, "prompt", "is missing (give `prompt` or `messages`)")
+        value = rec[key]
+        if isinstance(value, str):
+            if not value.strip():
+                raise TrainingDataError(p, n, key, "is empty")
+            prompts.append([{"role": "user", "content": value}])
+            continue
+        if not isinstance(value, list) or not value:
+            raise TrainingDataError(p, n, key, "must be a string or a non-empty list of messages")
+        for i, m in enumerate(value):
+            if not (isinstance(m, dict) and m.get("role") in ("system", "user", "assistant")
+                    and isinstance(m.get("content"), str)):
+                raise TrainingDataError(p, n, f"{key}[{i}]", "must be {role: system|user|assistant, content: str}")
+        if value[-1]["role"] != "user":
+            raise TrainingDataError(p, n, key, "must end with a user turn (the policy writes the answer)")
+        prompts.append([{"role": m["role"], "content": m["content"]} for m in value])
+    if not prompts:
+        raise TrainingDataError(p, None, None, "holds no prompts")
+    return prompts
+
+
+def import_reward_function(spec: str) -> Callable[..., list[float]]:
+    """The callable named by "module:function", wrapped into TRL's reward-function calling convention."""
+    module_name, fn_name = spec.split(":")
+    try:
+        fn = getattr(importlib.import_module(module_name), fn_name)
+    except (ImportError, AttributeError) as e:
+        raise TrainingConfigError(f"reward_function: cannot import {spec!r}: {e}") from None
+    if not callable(fn):
+        raise TrainingConfigError(f"reward_function: {spec!r} is not callable")
+
+    def reward(prompts, completions, **_: Any) -> list[float]:
+        # conversational completions arrive as [{"role": "assistant", "content": ...}]
+        texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+        values = fn(completions=texts, prompts=prompts)
+        if len(values) != len(texts):
+            raise ValueError(f"reward function {spec} returned {len(values)} values for {len(texts)} completions")
+        return [float(v) for v in values]
+
+    reward.__name__ = fn_name  # TRL logs rewards/<name>/mean
+    return reward
+
+
+def _bridge(run: RunDir, log: MetricsLog, state: dict[str, Any]):
+    """A TrainerCallback that logs each record to metrics.jsonl and moves each checkpoint TRL wrote into
+    checkpoints/step-N atomically (TRL's own folder is written file by file; a kill could leave half of one)."""
+    from transformers import TrainerCallback
+
+    class Bridge(TrainerCallback):
+        tokens = 0  # the trainer's running count of input tokens (prompts + completions), restored on resume
+        start_tokens: int | None = None
+
+        def on_train_begin(self, args, st, control, **kw):
+            self.start_tokens = st.num_input_tokens_seen
+
+        def on_log(self, args, st, control, logs=None, **kw):
+            if logs:
+                log.log(step=st.global_step, **{k: v for k, v in logs.items() if isinstance(v, (int, float))})
+                self.tokens = int(logs.get("num_tokens", self.tokens))
+
+        def on_save(self, args, st, control, **kw):
+            src = Path(args.output_dir) / f"checkpoint-{st.global_step}"
+
+            def fill(tmp: Path) -> None:
+                for f in src.iterdir():
+                    shutil.move(str(f), tmp / f.name)
+
+            run.save_checkpoint(st.global_step, fill, state=dict(state))
+            shutil.rmtree(src, ignore_errors=True)
+
+    return Bridge()
+
+
+# ----------------------------------------------------------------------------- run
+
+
+def run(config: Config, resume: bool = False) -> Path:
+    """Optimise the policy against the reward; returns the output checkpoint dir."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from trl import RLOOConfig, RLOOTrainer
+
+    from datasets import Dataset
+    from hearth.runtime.checkpoint import content_hash
+    from hearth.runtime.registry import resolve_model
+
+    cfg = config
+    base = resolve_model(cfg.model, prefer="hf")
+    prompts = load_prompts(cfg.prompts)
+    say(f"{len(prompts)} prompts from {cfg.prompts}")
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    precision = pick_precision(device, cfg.precision)
+    run_dir = RunDir(cfg.output_dir, keep=cfg.keep_checkpoints)
+    start = run_dir.latest() if resume else None
+    if resume and start is None:
+        say(f"no complete checkpoint in {run_dir.checkpoints}; starting from the beginning")
+    if not resume and run_dir.checkpoints.exists():
+        shutil.rmtree(run_dir.checkpoints)  # a fresh run: old checkpoints must not be resumed into it later
+    shutil.rmtree(run_dir.out / HF_SCRATCH, ignore_errors=True)
+    if start is not None:
+        say(f"resuming from {start.path} (step {start.step})")
+    log = MetricsLog(run_dir.metrics, resume_step=start.step if start else None)
+
+    reward_info: dict[str, Any]
+    if cfg.reward_model is not None:
+        rm_path = Path(cfg.reward_model).expanduser().resolve()
+        if not (rm_path / "config.json").is_file():
+            raise TrainingConfigError(f"reward_model: no checkpoint at {rm_path} (train one with `hearth train rm`)")
+        reward_fn = AutoModelForSequenceClassification.from_pretrained(rm_path, local_files_only=True,
+                                                                       use_safetensors=True, dtype=torch.float32)
+        if reward_fn.config.num_labels != 1:
+            raise TrainingConfigError(f"reward_model: {rm_path} has {reward_fn.config.num_labels} outputs; a reward "
+                                      "model has one")
+        reward_tok = AutoTokenizer.from_pretrained(rm_path, local_files_only=True)
+        reward_info = {"reward_model": {"path": str(rm_path), "content_hash": content_hash(rm_path)}}
+    else:
+        reward_fn, reward_tok = import_reward_function(cfg.reward_function), None
+        reward_info = {"reward_function": cfg.reward_function}
+
+    tok = AutoTokenizer.from_pretrained(base, local_files_only=True)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    saved_padding_side = tok.padding_side
+    tok.padding_side = "left"  # prompts are left-padded so every answer starts at the same column
+    model = AutoModelForCausalLM.from_pretrained(base, local_files_only=True, dtype=torch.float32)
+    peft_config = None
+    if cfg.lora:
+        from peft import LoraConfig
+        peft_config = LoraConfig(task_type="CAUSAL_LM", r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+                                 lora_dropout=cfg.lora_dropout, target_modules=list(cfg.lora_target_modules))
+
+    args = RLOOConfig(
+        output_dir=str(run_dir.out / HF_SCRATCH), max_steps=cfg.max_steps, beta=cfg.beta,
+        num_generations=cfg.num_generations, per_device_train_batch_size=cfg.prompts_per_step * cfg.num_generations,
+        max_completion_length=cfg.max_completion_length, temperature=cfg.temperature, epsilon=cfg.epsilon,
+        normalize_advantages=cfg.normalize_advantages,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps, learning_rate=cfg.learning_rate,
+        warmup_steps=cfg.warmup_steps, weight_decay=cfg.weight_decay,
+        activation_checkpointing=cfg.gradient_checkpointing, bf16=precision == "bf16", fp16=precision == "fp16",
+        use_cpu=device == "cpu", seed=cfg.seed, data_seed=cfg.seed, logging_steps=cfg.logging_steps,
+        save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=None, eval_strategy="no",
+        report_to="none", disable_tqdm=False, dataloader_num_workers=0)
+    bridge = _bridge(run_dir, log, {"seed": cfg.seed})
+    trainer = RLOOTrainer(model=model, reward_funcs=reward_fn, args=args,
+                          train_dataset=Dataset.from_list([{"prompt": p} for p in prompts]), processing_class=tok,
+                          reward_processing_classes=reward_tok, peft_config=peft_config, callbacks=[bridge])
+
+    t0 = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=str(start.path) if start else None)
+    seconds = time.perf_counter() - t0
+    tokens = bridge.tokens - (bridge.start_tokens or 0)
+
+    records = [r for r in log.read() if "reward" in r]
+    k = max(1, len(records) // 4)  # first and last quarter of the run, to see the trend past sampling noise
+    metrics: dict[str, Any] = {"steps": result.global_step, "prompts": len(prompts)}
+    if records:
+        metrics["reward_first"] = sum(r["reward"] for r in records[:k]) / k
+        metrics["reward_last"] = sum(r["reward"] for r in records[-k:]) / k
+        if "kl" in records[-1]:
+            metrics["kl_last"] = sum(r.get("kl", 0.0) for r in records[-k:]) / k
+        say(f"mean reward {metrics['reward_first']:.3f} (first {k} steps) -> {metrics['reward_last']:.3f} "
+            f"(last {k})" + (f", KL to reference {metrics['kl_last']:.4f}" if "kl_last" in metrics else ""))
+    plot_metrics(run_dir.metrics, run_dir.plot, keys=("reward", "kl"), title="RLOO: mean reward and KL to the reference")
+
+    policy = trainer.model
+    adapter_dir = None
+    if cfg.lora:
+        adapter_dir = run_dir.out / HF_SCRATCH / "adapter"
+        policy.save_pretrained(adapter_dir, safe_serialization=True)
+        policy = policy.merge_and_unload()  # a plain causal LM: the runtime needs no peft
+    policy = policy.to(torch.float32).eval()
+
+    mem = peak_memory_mb()
+    metrics.update(tokens_per_s=tokens / max(seconds, 1e-9), **mem)
+    params = {k: v for k, v in config_to_dict(cfg).items() if k not in ("output_dir", "reward_model")}
+    params.update(reward_info, precision=precision)
+    data_files = [cfg.prompts]
+    manifest = stage_manifest("rlhf", "rloo", base, params, data_files=data_files, metrics=metrics)
+
+    def fill(tmp: Path) -> None:
+        policy.save_pretrained(tmp, safe_serialization=True)
+        tok.padding_side = saved_padding_side  # the checkpoint keeps the tokenizer as it came
+        tok.save_pretrained(tmp)
+        if adapter_dir is not None:
+            shutil.copytree(adapter_dir, tmp / "adapter")
+
+    publish(run_dir.out, fill, manifest)
+    shutil.rmtree(run_dir.out / HF_SCRATCH, ignore_errors=True)
+    say(f"{tokens / max(seconds, 1e-9):.0f} training tokens/s ({tokens} tokens in {seconds:.1f}s); peak memory "
+        + ", ".join(f"{k} {v:.0f}" for k, v in mem.items()))
+    say(f"policy written to {run_dir.out}")
+    return run_dir.out

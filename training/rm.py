@@ -1,0 +1,284 @@
+"""Reward model: a causal LM with a one-number head, trained on (prompt, chosen, rejected) pairs with the
+pairwise ranking loss -log σ(r_chosen − r_rejected) (TRL's RewardTrainer), LoRA optional.
+
+    hearth train rm --config training/recipes/rm.yaml
+    hearth train rm --config training/recipes/rm.yaml --resume max_steps=120
+
+The output is an HF AutoModelForSequenceClassification checkpoint (stage "rm") with hearth.json; load it
+with `RewardModel.load(path)` and call `.score(texts)` or `.score_chats(conversations)`. Pairwise accuracy
+on the training pairs and on a held-out split goes into the manifest's metrics.
+
+TRL's Trainer writes checkpoint-N folders in place; a callback moves each finished one into
+<out>/checkpoints/step-N through common.RunDir (atomic), and `--resume` continues from the newest of those.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+from hearth.training.common import (MetricsLog, RunDir, TrainingConfigError, config_to_dict,
+                                    peak_memory_mb, pick_precision, plot_metrics, publish, say, stage_manifest)
+
+BUNDLED_PREFERENCES = Path(__file__).parent / "data" / "preferences.jsonl"
+HF_SCRATCH = ".trainer"  # where TRL writes its checkpoint-N before we move it into checkpoints/step-N
+
+
+@dataclass
+class Config:
+    """The rm recipe (training/recipes/rm.yaml mirrors it)."""
+
+    output_dir: str
+    """Where the reward model, checkpoints/, metrics.jsonl and loss.png go."""
+    model: str = "smollm2-135m-instruct"
+    """A causal LM checkpoint dir or a registered model name; its LM head is replaced by a 1-output score head."""
+    data: str = str(BUNDLED_PREFERENCES)
+    """Preference JSONL: prompt (text or chat messages), chosen, rejected."""
+    eval_fraction: float = 0.2
+    """Share of the pairs held out (picked by `seed`) to report pairwise accuracy on unseen pairs."""
+    max_steps: int = 60
+    batch_size: int = 8
+    """Pairs per optimizer step (per device, before gradient accumulation)."""
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 1e-4
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    max_length: int = 512
+    """Pairs whose chosen or rejected rendering is longer (tokens) are dropped."""
+    lora: bool = True
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    gradient_checkpointing: bool = False
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    device: str = "auto"
+    """"auto" (CUDA when present), "cpu" or "cuda"."""
+    seed: int = 0
+    save_steps: int = 20
+    keep_checkpoints: int = 2
+    logging_steps: int = 1
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise TrainingConfigError(f"eval_fraction must be in [0, 1); got {self.eval_fraction}")
+        for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "max_length", "lora_r",
+                     "save_steps", "logging_steps"):
+            if getattr(self, name) < 1:
+                raise TrainingConfigError(f"{name} must be >= 1; got {getattr(self, name)}")
+        if self.learning_rate <= 0:
+            raise TrainingConfigError(f"learning_rate must be > 0; got {self.learning_rate}")
+        if self.keep_checkpoints < 1:
+            raise TrainingConfigError(f"keep_checkpoints must be >= 1 (resume needs one); got {self.keep_checkpoints}")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise TrainingConfigError(f"device must be auto, cpu or cuda[:N]; got {self.device!r}")
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def load_pairs(path: str | Path) -> list[dict[str, Any]]:
+    """Preference records as TRL's conversational preference format:
+    {"prompt": [messages], "chosen": [assistant message], "rejected": [assistant message]}."""
+    from hearth.training.data import load_preferences
+
+    return [{"prompt": [dict(m) for m in p.prompt],
+             "chosen": [{"role": "assistant", "content": p.chosen}],
+             "rejected": [{"role": "assistant", "content": p.rejected}]}
+            for p in load_preferences(path)]
+
+
+def split_pairs(pairs: list[dict[str, Any]], eval_fraction: float, seed: int) -> tuple[list, list]:
+    """(train, held-out): a seeded `eval_fraction` of the pairs held out (data.split_eval)."""
+    from hearth.training.data import split_eval
+
+    train_idx, held_idx = split_eval(len(pairs), eval_fraction, seed)
+    return [pairs[i] for i in train_idx], [pairs[i] for i in held_idx]
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
+class RewardModel:
+    """A trained reward model: one scalar per text (higher is better)."""
+
+    def __init__(self, model, tokenizer, device: str = "cpu"):
+        self.model, self.tokenizer, self.device = model, tokenizer, device
+
+    @classmethod
+    def load(cls, path: str | Path, device: str = "auto") -> "RewardModel":
+        import torch
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        path = Path(path)
+        model = AutoModelForSequenceClassification.from_pretrained(path, local_files_only=True, use_safetensors=True,
+                                                                   dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        return cls(model.to(device).eval(), tok, device)
+
+    def score(self, texts: Sequence[str], batch_size: int = 8) -> list[float]:
+        """Rewards of already-rendered texts (a chat must be rendered with the model's chat template first;
+        `score_chats` does that)."""
+        import torch
+
+        out: list[float] = []
+        for i in range(0, len(texts), batch_size):
+            enc = self.tokenizer(list(texts[i:i + batch_size]), return_tensors="pt", padding=True,
+                                 padding_side="right", add_special_tokens=False).to(self.device)
+            with torch.inference_mode():
+                out += self.model(**enc).logits[:, 0].float().tolist()  # (B,)
+        return out
+
+    def score_chats(self, conversations: Sequence[list[dict[str, str]]], batch_size: int = 8) -> list[float]:
+        """Rewards of whole conversations (the prompt messages followed by the assistant's answer)."""
+        texts = [self.tokenizer.apply_chat_template(c, tokenize=False) for c in conversations]
+        return self.score(texts, batch_size)
+
+    def pairwise_accuracy(self, pairs: Sequence[dict[str, Any]]) -> float:
+        """Share of pairs where chosen outscores rejected (pairs in `load_pairs` form)."""
+        if not pairs:
+            return math.nan
+        chosen = self.score_chats([p["prompt"] + p["chosen"] for p in pairs])
+        rejected = self.score_chats([p["prompt"] + p["rejected"] for p in pairs])
+        return sum(c > r for c, r in zip(chosen, rejected)) / len(pairs)
+
+
+# ----------------------------------------------------------------------------- TRL <-> RunDir
+
+
+def _bridge(run: RunDir, log: MetricsLog, state: dict[str, Any]):
+    """A TrainerCallback that logs each record to metrics.jsonl and moves each checkpoint TRL wrote into
+    checkpoints/step-N atomically (TRL's own folder is written file by file; a kill could leave half of one)."""
+    from transformers import TrainerCallback
+
+    class Bridge(TrainerCallback):
+        tokens = 0  # the trainer's running count of training tokens in this process (its "num_tokens")
+
+        def on_log(self, args, st, control, logs=None, **kw):
+            if logs:
+                log.log(step=st.global_step, **{k: v for k, v in logs.items() if isinstance(v, (int, float))})
+                self.tokens = int(logs.get("num_tokens", self.tokens))
+
+        def on_save(self, args, st, control, **kw):
+            src = Path(args.output_dir) / f"checkpoint-{st.global_step}"
+
+            def fill(tmp: Path) -> None:
+                for f in src.iterdir():
+                    shutil.move(str(f), tmp / f.name)
+
+            run.save_checkpoint(st.global_step, fill, state=dict(state))
+            shutil.rmtree(src, ignore_errors=True)
+
+    return Bridge()
+
+
+def _prepare_run(cfg: Config, resume: bool) -> tuple[RunDir, Any, MetricsLog]:
+    run = RunDir(cfg.output_dir, keep=cfg.keep_checkpoints)
+    start = run.latest() if resume else None
+    if resume and start is None:
+        say(f"no complete checkpoint in {run.checkpoints}; starting from the beginning")
+    if not resume and run.checkpoints.exists():
+        shutil.rmtree(run.checkpoints)  # a fresh run: old checkpoints must not be resumed into it later
+    shutil.rmtree(run.out / HF_SCRATCH, ignore_errors=True)
+    if start is not None:
+        say(f"resuming from {start.path} (step {start.step})")
+    return run, start, MetricsLog(run.metrics, resume_step=start.step if start else None)
+
+
+# ----------------------------------------------------------------------------- run
+
+
+def run(config: Config, resume: bool = False) -> Path:
+    """Train the reward model; returns the output checkpoint dir."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from trl import RewardConfig, RewardTrainer
+
+    from datasets import Dataset
+    from hearth.runtime.registry import resolve_model
+
+    cfg = config
+    base = resolve_model(cfg.model, prefer="hf")
+    pairs = load_pairs(cfg.data)
+    train_pairs, held_pairs = split_pairs(pairs, cfg.eval_fraction, cfg.seed)
+    say(f"{len(pairs)} preference pairs from {cfg.data}: {len(train_pairs)} train, {len(held_pairs)} held out")
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    precision = pick_precision(device, cfg.precision)
+    run_dir, start, log = _prepare_run(cfg, resume)
+
+    tok = AutoTokenizer.from_pretrained(base, local_files_only=True)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    torch.manual_seed(cfg.seed)  # the score head is initialised at random
+    model = AutoModelForSequenceClassification.from_pretrained(
+        base, num_labels=1, local_files_only=True, dtype=torch.float32)
+    model.config.pad_token_id = tok.pad_token_id  # the head reads the last non-pad token of each row
+
+    peft_config = None
+    if cfg.lora:
+        from peft import LoraConfig
+        peft_config = LoraConfig(task_type="SEQ_CLS", r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+                                 lora_dropout=cfg.lora_dropout, target_modules=list(cfg.lora_target_modules),
+                                 modules_to_save=["score"])  # the new head trains in full
+
+    args = RewardConfig(
+        output_dir=str(run_dir.out / HF_SCRATCH), max_steps=cfg.max_steps,
+        per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps, learning_rate=cfg.learning_rate,
+        warmup_steps=cfg.warmup_steps, weight_decay=cfg.weight_decay, max_length=cfg.max_length,
+        activation_checkpointing=cfg.gradient_checkpointing, bf16=precision == "bf16", fp16=precision == "fp16",
+        use_cpu=device == "cpu", seed=cfg.seed, data_seed=cfg.seed, logging_steps=cfg.logging_steps,
+        save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=None, eval_strategy="no",
+        report_to="none", disable_tqdm=False, dataloader_num_workers=0, center_rewards_coefficient=None)
+    bridge = _bridge(run_dir, log, {"seed": cfg.seed})
+    trainer = RewardTrainer(
+        model=model, args=args, train_dataset=Dataset.from_list(train_pairs), processing_class=tok,
+        peft_config=peft_config, callbacks=[bridge])
+
+    t0 = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=str(start.path) if start else None)
+    seconds = time.perf_counter() - t0
+    tokens = bridge.tokens
+
+    # the final reward model: LoRA merged into the base so `RewardModel.load` needs no peft
+    final = trainer.model
+    if cfg.lora:
+        final = final.merge_and_unload()
+    final = final.to(torch.float32).eval()
+    scorer = RewardModel(final, tok, str(next(final.parameters()).device))
+    acc_train = scorer.pairwise_accuracy(train_pairs)
+    acc_held = scorer.pairwise_accuracy(held_pairs) if held_pairs else None  # None, not NaN: hearth.json stays JSON
+    say(f"pairwise accuracy: train {acc_train:.3f}" + (f", held-out {acc_held:.3f}" if held_pairs else ""))
+
+    records = log.read()
+    losses = [r["loss"] for r in records if "loss" in r]
+    mem = peak_memory_mb()
+    metrics = {"train_pairwise_accuracy": acc_train, "heldout_pairwise_accuracy": acc_held,
+               "final_loss": losses[-1] if losses else result.training_loss, "steps": result.global_step,
+               "train_pairs": len(train_pairs), "heldout_pairs": len(held_pairs),
+               "tokens_per_s": tokens / max(seconds, 1e-9), **mem}
+    log.log(step=result.global_step, **{k: v for k, v in metrics.items() if k.endswith("pairwise_accuracy")})
+    plot_metrics(run_dir.metrics, run_dir.plot, keys=("loss",), title="reward model: pairwise ranking loss")
+
+    params = {k: v for k, v in config_to_dict(cfg).items() if k != "output_dir"}
+    params["precision"] = precision
+    manifest = stage_manifest("rm", "reward-model-lora" if cfg.lora else "reward-model", base, params,
+                              data_files=[cfg.data], metrics=metrics)
+
+    def fill(tmp: Path) -> None:
+        final.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+
+    publish(run_dir.out, fill, manifest)
+    shutil.rmtree(run_dir.out / HF_SCRATCH, ignore_errors=True)
+    say(f"{tokens / max(seconds, 1e-9):.0f} training tokens/s ({tokens} tokens in {seconds:.1f}s); peak memory "
+        + ", ".join(f"{k} {v:.0f}" for k, v in mem.items()))
+    say(f"reward model written to {run_dir.out}")
+    return run_dir.out
