@@ -1,0 +1,602 @@
+"""Evaluation: perplexity on a text, C-Eval / MMLU style multiple choice, and LLM-as-judge.
+
+    hearth eval ppl --model CKPT --text FILE [--window 1024 --stride 512]
+    hearth eval mc --model CKPT [--data FILE.jsonl] [--shots 3] [--json] [--save]
+    hearth eval judge --model-url URL --model M --judge-url URL --judge-model J [--data FILE.jsonl]
+
+From Python:
+
+    from hearth.training.eval import PplConfig, MCConfig, perplexity, multiple_choice
+    res = multiple_choice(MCConfig(model="out/sft", shots=3, save=True))
+    print(res.accuracy, res.subjects["physics"].accuracy)
+
+Perplexity and multiple choice read logits through hearth's runtime backends (transformers for an HF
+directory, llama.cpp for a GGUF file), so they score the model exactly as `hearth serve` runs it. The
+judge (training/eval_judge.py) only talks to OpenAI-compatible servers.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import re
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, Sequence
+
+import numpy as np
+
+from hearth.runtime.checkpoint import content_hash, inspect_checkpoint, update_metrics
+from hearth.runtime.errors import ContextLengthExceeded, UnsupportedModelError
+from hearth.runtime.registry import resolve_model
+
+from .common import TrainingConfigError, TrainingDataError, atomic_write_text
+from .eval_judge import JudgeConfig, JudgeResult, judge  # noqa: F401  (the API mirrors the commands)
+
+DATA_DIR = Path(__file__).resolve().parent / "data"
+BUNDLED_MC = DATA_DIR / "mc_exam.jsonl"
+LETTERS = ("A", "B", "C", "D")
+BACKENDS = ("auto", "transformers", "llamacpp")
+
+
+def say(msg: str) -> None:
+    print(f"eval: {msg}", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------- models that give logits
+
+
+class LogitModel(Protocol):
+    """What the scorers need from a model: text to ids, ids to logits. Tests pass rigged ones."""
+
+    max_len: int
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
+
+    def logits(self, ids: Sequence[int]) -> np.ndarray:
+        """(T, V) float32 logits at every position of ids."""
+
+    def next_logits(self, ids: Sequence[int]) -> np.ndarray:
+        """(V,) float32 logits after the last id."""
+
+    def close(self) -> None: ...
+
+
+class BackendModel:
+    """A LogitModel over a runtime backend: one sequence at a time, each fed in one step. Prompts that
+    share a prefix (few-shot examples of one subject) reuse its KV through the backend's prefix cache."""
+
+    def __init__(self, backend: Any):
+        self.backend = backend
+        self.tokenizer = backend.tokenizer
+        self.max_len = min(backend.max_model_len, backend.kv.capacity_tokens())
+        self._ids = itertools.count()
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
+    def _run(self, ids: Sequence[int], all_logits: bool) -> np.ndarray:
+        from hearth.runtime.backends.base import SeqWork
+
+        ids = list(ids)
+        if not ids:
+            raise ValueError("no tokens to score")
+        if len(ids) > self.max_len:
+            raise ContextLengthExceeded(len(ids), self.max_len)
+        kv, sid = self.backend.kv, next(self._ids)
+        reuse = 0 if all_logits else kv.match_prefix(sid, ids)
+        try:
+            if not kv.allocate(sid, len(ids)):
+                raise ContextLengthExceeded(len(ids), kv.capacity_tokens())
+            out = self.backend.forward([SeqWork(sid, ids[reuse:], reuse, all_logits=all_logits)])[0]
+        finally:
+            kv.free(sid, ids)  # keeps the KV as a reusable prefix
+        return out
+
+    def logits(self, ids: Sequence[int]) -> np.ndarray:
+        return self._run(ids, all_logits=True)
+
+    def next_logits(self, ids: Sequence[int]) -> np.ndarray:
+        return self._run(ids, all_logits=False)
+
+    def close(self) -> None:
+        self.backend.close()
+
+
+class HFModel:
+    """Plain transformers forward, for HF architectures the runtime's transformers backend lacks."""
+
+    def __init__(self, path: Path, device: str, dtype: str):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        inspect_checkpoint(path)  # the safety gate: no pickle, no remote code
+        self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                                   "cpu" if device == "auto" else device)
+        dtypes = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtypes.get(dtype), local_files_only=True,
+                                                          use_safetensors=True).to(self.device).eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        self.max_len = int(getattr(self.model.config, "max_position_embeddings", 2048) or 2048)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
+
+    def logits(self, ids: Sequence[int]) -> np.ndarray:
+        import torch
+
+        if len(ids) > self.max_len:
+            raise ContextLengthExceeded(len(ids), self.max_len)
+        with torch.inference_mode():
+            x = torch.tensor([list(ids)], device=self.device)
+            return self.model(input_ids=x).logits[0].float().cpu().numpy()  # (T, V)
+
+    def next_logits(self, ids: Sequence[int]) -> np.ndarray:
+        return self.logits(ids)[-1]
+
+    def close(self) -> None:
+        del self.model
+
+
+def load_logit_model(model: str, backend: str = "auto", device: str = "auto", dtype: str = "auto",
+                     threads: int | None = None, context: int = 2048,
+                     kv_cache_gb: float = 1.0) -> tuple[LogitModel, Path]:
+    """Open a checkpoint (registered name or path) for scoring; returns the model and the resolved path."""
+    if backend not in BACKENDS:
+        raise TrainingConfigError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
+    path = Path(resolve_model(model, prefer="hf" if backend == "transformers" else "gguf"))
+    fmt = inspect_checkpoint(path).format
+    if backend == "auto":
+        backend = "llamacpp" if fmt == "gguf" else "transformers"
+    if backend == "llamacpp":
+        from hearth.runtime.backends.llamacpp import LlamaCppBackend
+
+        # a few sequence ids, so cached few-shot prefixes can stay while the next prompt runs
+        be = LlamaCppBackend(str(path), n_ctx=context, n_seq_max=4, n_threads=threads,
+                             n_gpu_layers=-1 if device.startswith("cuda") else 0)
+        return BackendModel(be), path
+    from hearth.runtime.backends.transformers import TransformersBackend
+
+    try:
+        be = TransformersBackend(path, dtype=dtype, device=device, max_model_len=context, kv_cache_gb=kv_cache_gb,
+                                 num_threads=threads)
+    except UnsupportedModelError as e:
+        if fmt == "gguf":
+            raise
+        say(f"{e}; scoring through plain transformers instead")
+        return HFModel(path, device, dtype if dtype != "auto" else "float32"), path
+    return BackendModel(be), path
+
+
+def _log_softmax_at(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """log p(target) per row of (R, V) logits, in float64 for stable sums."""
+    x = logits.astype(np.float64)
+    m = x.max(axis=-1, keepdims=True)
+    lse = m[:, 0] + np.log(np.exp(x - m).sum(axis=-1))
+    return x[np.arange(len(targets)), targets] - lse
+
+
+# ----------------------------------------------------------------------------- perplexity
+
+
+@dataclass
+class PplConfig:
+    """`hearth eval ppl`: perplexity of a model on a text file, over sliding windows."""
+
+    model: str
+    """Checkpoint path (HF directory or GGUF) or a registered model name."""
+    text: str
+    """A UTF-8 text file; it is tokenized as one document."""
+    window: int = 1024
+    """Tokens per forward pass (capped by the model's context)."""
+    stride: int | None = None
+    """New tokens each window after the first scores; each sees at least window - stride tokens of
+    context before it. At most window - 1 (so a target's predecessor is in its window); None: window // 2."""
+    backend: str = "auto"
+    device: str = "auto"
+    dtype: str = "auto"
+    threads: int | None = None
+    max_tokens: int | None = None
+    """Score only the first max_tokens tokens of the text."""
+    save: bool = False
+    """Write the result into the model's hearth.json metrics."""
+
+    def __post_init__(self) -> None:
+        if self.window < 2:
+            raise TrainingConfigError(f"window must be at least 2; got {self.window}")
+        if self.stride is not None and not 1 <= self.stride < self.window:
+            raise TrainingConfigError(f"stride must be between 1 and window - 1 ({self.window - 1}); "
+                                      f"got {self.stride}")
+        if self.backend not in BACKENDS:
+            raise TrainingConfigError(f"backend must be one of {', '.join(BACKENDS)}; got {self.backend!r}")
+        if self.max_tokens is not None and self.max_tokens < 2:
+            raise TrainingConfigError(f"max_tokens must be at least 2; got {self.max_tokens}")
+
+
+@dataclass
+class PplResult:
+    ppl: float
+    nll: float
+    """Mean negative log-likelihood per scored token (nats)."""
+    tokens: int
+    """Tokens scored (the first token of the text has no prediction)."""
+    windows: int
+    window: int
+    stride: int
+    model: str
+    text: str
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def perplexity(cfg: PplConfig, model: LogitModel | None = None) -> PplResult:
+    """exp(mean NLL) of the text's tokens (all but the first). Windows of up to `window` tokens, each
+    scoring the next `stride` tokens not yet scored, so every token counts exactly once."""
+    text_path = Path(cfg.text)
+    try:
+        text = text_path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise TrainingDataError(text_path, None, None, "no such file") from None
+    except UnicodeDecodeError as e:
+        raise TrainingDataError(text_path, None, None, f"not UTF-8 text ({e})") from None
+    own = model is None
+    path = None
+    if own:
+        model, path = load_logit_model(cfg.model, cfg.backend, cfg.device, cfg.dtype, cfg.threads,
+                                       context=cfg.window)
+    try:
+        ids = model.encode(text, add_special_tokens=True)
+        if cfg.max_tokens:
+            ids = ids[:cfg.max_tokens]
+        if len(ids) < 2:
+            raise TrainingDataError(text_path, None, None, "needs at least 2 tokens to score")
+        window = min(cfg.window, model.max_len)
+        stride = min(cfg.stride or window // 2, window - 1)
+        t0 = time.perf_counter()
+        nll, scored, windows = 0.0, 0, 0
+        done = 1  # ids[:done] are scored (ids[0] has nothing before it)
+        from tqdm import tqdm
+
+        with tqdm(total=len(ids) - 1, desc="ppl", unit="tok", disable=None) as bar:
+            while done < len(ids):
+                # the first window scores all it can; each later one `stride` new tokens, seeing up to
+                # window - stride tokens before them (stride < window keeps each target's predecessor in)
+                end = min(len(ids), window if done == 1 else done + stride)
+                begin = max(0, end - window)
+                logits = model.logits(ids[begin:end])  # (end - begin, V)
+                rows = logits[done - 1 - begin:end - 1 - begin]  # the predictions of ids[done:end]
+                nll -= float(_log_softmax_at(rows, np.asarray(ids[done:end])).sum())
+                scored += end - done
+                windows += 1
+                bar.update(end - done)
+                done = end
+        mean = nll / scored
+        res = PplResult(ppl=math.exp(mean), nll=mean, tokens=scored, windows=windows, window=window,
+                        stride=stride, model=str(path or cfg.model), text=str(text_path),
+                        seconds=time.perf_counter() - t0)
+    finally:
+        if own:
+            model.close()
+    if cfg.save:
+        if path is None:
+            raise TrainingConfigError("save needs the model loaded from a checkpoint path")
+        update_metrics(path, eval_ppl={"ppl": res.ppl, "nll": res.nll, "tokens": res.tokens,
+                                       "window": window, "stride": stride, "text": text_path.name,
+                                       "text_hash": content_hash(text_path)})
+    return res
+
+
+# ----------------------------------------------------------------------------- multiple choice
+
+
+@dataclass
+class MCQuestion:
+    id: str
+    subject: str
+    question: str
+    options: list[str]
+    answer: int
+    """Index of the right option (0 = A)."""
+    split: str = "test"
+    """"test" questions are scored; "dev" ones are the few-shot examples."""
+
+
+def read_mc_jsonl(path: str | os.PathLike) -> list[MCQuestion]:
+    """C-Eval / MMLU records: subject, question, options as A/B/C/D keys or a 4-item `choices` list, answer
+    as a letter or 0-3, optional id and split (test/dev). Errors name the file, line and field."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise TrainingDataError(path, None, None, "no such file") from None
+    out: list[MCQuestion] = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise TrainingDataError(path, n, None, f"not valid JSON ({e.msg})") from None
+        if not isinstance(rec, dict):
+            raise TrainingDataError(path, n, None, "each line must be a JSON object")
+        for key in ("subject", "question"):
+            if not isinstance(rec.get(key), str) or not rec[key].strip():
+                raise TrainingDataError(path, n, key, "missing or not a non-empty string")
+        if "choices" in rec:
+            opts = rec["choices"]
+            if not (isinstance(opts, list) and len(opts) == 4 and all(isinstance(o, (str, int, float)) for o in opts)):
+                raise TrainingDataError(path, n, "choices", "must be a list of 4 options")
+            opts = [str(o) for o in opts]
+        else:
+            missing = [k for k in LETTERS if not isinstance(rec.get(k), (str, int, float))]
+            if missing:
+                raise TrainingDataError(path, n, missing[0], "missing option (give A, B, C, D or choices)")
+            opts = [str(rec[k]) for k in LETTERS]
+        ans = rec.get("answer")
+        if isinstance(ans, str) and ans.strip().upper() in LETTERS:
+            idx = LETTERS.index(ans.strip().upper())
+        elif isinstance(ans, int) and not isinstance(ans, bool) and 0 <= ans < 4:
+            idx = ans
+        else:
+            raise TrainingDataError(path, n, "answer", f"must be one of A, B, C, D (or 0-3); got {ans!r}")
+        split = rec.get("split", "test")
+        if split not in ("test", "dev"):
+            raise TrainingDataError(path, n, "split", f"must be 'test' or 'dev'; got {split!r}")
+        out.append(MCQuestion(id=str(rec.get("id", f"{path.stem}-{n}")), subject=rec["subject"].strip(),
+                              question=rec["question"].strip(), options=opts, answer=idx, split=split))
+    if not any(q.split == "test" for q in out):
+        raise TrainingDataError(path, None, None, "holds no test questions")
+    return out
+
+
+_CJK = re.compile(r"[\u3400-\u9fff]")
+
+
+def is_chinese(text: str) -> bool:
+    return bool(_CJK.search(text))
+
+
+def _subject_name(subject: str) -> str:
+    return subject.replace("_", " ")
+
+
+def _header(q: MCQuestion) -> str:
+    if is_chinese(q.question):
+        return f"以下是关于{_subject_name(q.subject)}的单项选择题，请选出其中的正确答案。\n\n"
+    return f"The following are multiple choice questions (with answers) about {_subject_name(q.subject)}.\n\n"
+
+
+def _cue(q: MCQuestion) -> str:
+    return "答案：" if is_chinese(q.question) else "Answer:"
+
+
+def _body(q: MCQuestion) -> str:
+    opts = "".join(f"\n{L}. {o}" for L, o in zip(LETTERS, q.options))
+    return f"{q.question}{opts}\n"
+
+
+@dataclass(frozen=True)
+class AnswerTokens:
+    """How a model writes the answer letter after the cue: the shots show `cue + sep + letter`, the
+    prompt ends with `cue + tail`, and `ids` are the four letters' next-token ids."""
+
+    sep: str
+    tail: str
+    ids: tuple[int, int, int, int]
+
+
+def answer_tokens(model: LogitModel, cue: str) -> AnswerTokens:
+    """Find single next tokens for A/B/C/D after the cue, as the tokenizer splits `cue letter`:
+    " A" as one token (most BPE vocabularies), else the space ending the prompt, else no space."""
+    tries = [(" ", ""), (" ", " "), ("", "")]
+    if is_chinese(cue):  # C-Eval writes 答案：A with no space
+        tries = [("", ""), (" ", ""), (" ", " ")]
+    for sep, tail in tries:
+        head = model.encode(cue + tail, add_special_tokens=False)
+        ids = []
+        for L in LETTERS:
+            full = model.encode(cue + sep + L, add_special_tokens=False)
+            if len(full) == len(head) + 1 and full[:len(head)] == head:
+                ids.append(full[-1])
+        if len(ids) == 4 and len(set(ids)) == 4:
+            return AnswerTokens(sep, tail, tuple(ids))
+    raise UnsupportedModelError(f"the tokenizer has no single tokens for A, B, C, D after {cue!r}; "
+                                "this scorer needs them")
+
+
+def build_prompt(q: MCQuestion, shots: Sequence[MCQuestion], at: AnswerTokens) -> str:
+    """C-Eval / MMLU few-shot prompt: header, solved examples, then the question ending at the cue."""
+    parts = [_header(q)]
+    for s in shots:
+        parts.append(f"{_body(s)}{_cue(s)}{at.sep}{LETTERS[s.answer]}\n\n")
+    parts.append(f"{_body(q)}{_cue(q)}{at.tail}")
+    return "".join(parts)
+
+
+@dataclass
+class MCConfig:
+    """`hearth eval mc`: accuracy on a multiple-choice exam, per subject and overall."""
+
+    model: str
+    """Checkpoint path (HF directory or GGUF) or a registered model name."""
+    data: str | None = None
+    """JSONL of questions (see read_mc_jsonl); None: the bundled exam (training/data/mc_exam.jsonl)."""
+    shots: int = 3
+    """Solved dev examples of the same subject before each question (fewer if the subject has fewer;
+    the bundled exam has 3 per subject)."""
+    subjects: list[str] | None = None
+    """Only these subjects (default: all)."""
+    limit: int | None = None
+    """At most this many test questions per subject."""
+    backend: str = "auto"
+    device: str = "auto"
+    dtype: str = "auto"
+    threads: int | None = None
+    context: int = 2048
+    """Longest prompt in tokens; shots are dropped from a prompt that would be longer."""
+    save: bool = False
+    """Write the scores into the model's hearth.json metrics (as eval_mc)."""
+    output: str | None = None
+    """Write the full result (with each question's probabilities) as JSON here."""
+
+    def __post_init__(self) -> None:
+        if self.shots < 0:
+            raise TrainingConfigError(f"shots must be >= 0; got {self.shots}")
+        if self.limit is not None and self.limit < 1:
+            raise TrainingConfigError(f"limit must be >= 1; got {self.limit}")
+        if self.backend not in BACKENDS:
+            raise TrainingConfigError(f"backend must be one of {', '.join(BACKENDS)}; got {self.backend!r}")
+        if self.context < 16:
+            raise TrainingConfigError(f"context must be >= 16; got {self.context}")
+
+
+@dataclass
+class SubjectScore:
+    correct: int = 0
+    total: int = 0
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.total if self.total else 0.0
+
+
+@dataclass
+class MCPrediction:
+    id: str
+    subject: str
+    answer: str
+    pred: str
+    probs: dict[str, float]
+    shots: int
+
+
+@dataclass
+class MCResult:
+    accuracy: float
+    """Correct answers over all scored questions."""
+    macro_accuracy: float
+    """Mean of the per-subject accuracies (C-Eval's average)."""
+    total: int
+    subjects: dict[str, SubjectScore]
+    predictions: list[MCPrediction] = field(default_factory=list)
+    model: str = ""
+    data: str = ""
+    shots: int = 0
+    seconds: float = 0.0
+
+    def summary(self) -> dict[str, Any]:
+        """Scores without the per-question detail (what --save writes into the manifest)."""
+        return {"accuracy": self.accuracy, "macro_accuracy": self.macro_accuracy, "total": self.total,
+                "shots": self.shots, "data": Path(self.data).name,
+                "subjects": {s: {"accuracy": v.accuracy, "correct": v.correct, "total": v.total}
+                             for s, v in self.subjects.items()}}
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.summary(), model=self.model, data=self.data, seconds=self.seconds,
+                    predictions=[asdict(p) for p in self.predictions])
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x.astype(np.float64) - x.max())
+    return e / e.sum()
+
+
+def multiple_choice(cfg: MCConfig, model: LogitModel | None = None) -> MCResult:
+    """Score each test question by the softmax over the next-token logits of A/B/C/D after its prompt."""
+    data = Path(cfg.data) if cfg.data else BUNDLED_MC
+    questions = read_mc_jsonl(data)
+    if cfg.subjects:
+        unknown = sorted(set(cfg.subjects) - {q.subject for q in questions})
+        if unknown:
+            raise TrainingConfigError(f"subjects: {unknown} not in {data}")
+        questions = [q for q in questions if q.subject in cfg.subjects]
+    dev: dict[str, list[MCQuestion]] = {}
+    tests: dict[str, list[MCQuestion]] = {}
+    for q in questions:
+        (dev if q.split == "dev" else tests).setdefault(q.subject, []).append(q)
+    if cfg.limit:
+        tests = {s: qs[:cfg.limit] for s, qs in tests.items()}
+    if cfg.shots:
+        for s in sorted(tests):
+            if len(dev.get(s, [])) < cfg.shots:
+                say(f"subject {s!r} has {len(dev.get(s, []))} dev examples for {cfg.shots} shots")
+
+    own = model is None
+    path = None
+    if own:
+        model, path = load_logit_model(cfg.model, cfg.backend, cfg.device, cfg.dtype, cfg.threads, cfg.context)
+    from tqdm import tqdm
+
+    scores: dict[str, SubjectScore] = {}
+    preds: list[MCPrediction] = []
+    t0 = time.perf_counter()
+    cues: dict[str, AnswerTokens] = {}
+    try:
+        todo = [q for s in sorted(tests) for q in tests[s]]
+        for q in tqdm(todo, desc="mc", unit="q", disable=None):
+            cue = _cue(q)
+            if cue not in cues:
+                cues[cue] = answer_tokens(model, cue)
+            at = cues[cue]
+            shots = dev.get(q.subject, [])[:cfg.shots]
+            ids = model.encode(build_prompt(q, shots, at), add_special_tokens=True)
+            while len(ids) > model.max_len and shots:  # as C-Eval: fewer shots rather than a cut prompt
+                shots = shots[:-1]
+                ids = model.encode(build_prompt(q, shots, at), add_special_tokens=True)
+            if len(ids) > model.max_len:
+                raise ContextLengthExceeded(len(ids), model.max_len)
+            logits = model.next_logits(ids)
+            probs = _softmax(logits[list(at.ids)])  # (4,) over the answer letters only
+            pred = int(np.argmax(probs))
+            sc = scores.setdefault(q.subject, SubjectScore())
+            sc.total += 1
+            sc.correct += int(pred == q.answer)
+            preds.append(MCPrediction(q.id, q.subject, LETTERS[q.answer], LETTERS[pred],
+                                      {L: round(float(p), 6) for L, p in zip(LETTERS, probs)}, len(shots)))
+    finally:
+        if own:
+            model.close()
+    total = sum(s.total for s in scores.values())
+    res = MCResult(accuracy=sum(s.correct for s in scores.values()) / total,
+                   macro_accuracy=sum(s.accuracy for s in scores.values()) / len(scores), total=total,
+                   subjects=dict(sorted(scores.items())), predictions=preds, model=str(path or cfg.model),
+                   data=str(data), shots=cfg.shots, seconds=time.perf_counter() - t0)
+    if cfg.output:
+        atomic_write_text(cfg.output, json.dumps(res.to_dict(), indent=2, ensure_ascii=False) + "\n")
+    if cfg.save:
+        if path is None:
+            raise TrainingConfigError("save needs the model loaded from a checkpoint path")
+        update_metrics(path, eval_mc=dict(res.summary(), data_hash=content_hash(data)))
+    return res
+
+
+def _cols(text: str) -> int:
+    """Terminal columns of text: a Chinese character takes two."""
+    import unicodedata
+
+    return sum(2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
+
+
+def _pad(text: str, width: int) -> str:
+    return text + " " * max(0, width - _cols(text))
+
+
+def format_mc_table(res: MCResult) -> str:
+    width = max([len("overall")] + [_cols(s) for s in res.subjects])
+    lines = [f"{_pad('subject', width)}  {'acc':>6}  {'n':>4}"]
+    for s, v in res.subjects.items():
+        lines.append(f"{_pad(s, width)}  {v.accuracy:6.1%}  {v.total:4d}")
+    lines.append(f"{_pad('overall', width)}  {res.accuracy:6.1%}  {res.total:4d}")
+    lines.append(f"{_pad('macro', width)}  {res.macro_accuracy:6.1%}")
+    return "\n".join(lines)
+
+
+__all__ = ["PplConfig", "PplResult", "perplexity", "MCConfig", "MCQuestion", "MCResult", "SubjectScore",
+           "multiple_choice", "read_mc_jsonl", "build_prompt", "answer_tokens", "load_logit_model",
+           "JudgeConfig", "JudgeResult", "judge"]
