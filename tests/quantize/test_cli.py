@@ -58,7 +58,7 @@ def test_the_bundled_recipe_loads():
     r = load_recipe(Path(__file__).resolve().parents[2] / "quantize" / "recipes" / "smollm2.yaml")
     assert {a.method for a in r.artifacts} == {"bnb", "gptq", "gguf"}
     gptq4 = next(a for a in r.artifacts if a.name == "gptq-int4")
-    assert gptq4.options["bits"] == 4 and gptq4.options["group_size"] == 128 and gptq4.max_ppl_increase == 10
+    assert gptq4.options["bits"] == 4 and gptq4.options["group_size"] == 64 and gptq4.max_ppl_increase == 10
 
 
 # ----------------------------------------------------------------------------- the command

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 
 import pytest
 import torch
@@ -33,19 +32,10 @@ HELD_OUT = ["The lazy dog sleeps while the quick brown fox brews tea.",
             "我们一起去喝茶吧 🙂 more text"]
 
 
-def _ensure_gptqmodel_cpu_workers() -> None:
-    # gptqmodel 7.6 puts a fixed 2-worker "model_loader:cpu" pool under its CPU pool, so quantizing
-    # raises "requests 2 workers but parent 'cpu' only has 1" below 2 CPU workers (its default on 2 cores)
-    try:
-        workers = int(os.environ.get("GPTQMODEL_CPU_WORKERS", "0"))
-    except ValueError:
-        workers = 0
-    if workers < 2:
-        os.environ["GPTQMODEL_CPU_WORKERS"] = "2"
-
-
 def _import_gptqmodel():
-    _ensure_gptqmodel_cpu_workers()
+    from hearth.quantize.gptq import _ensure_cpu_workers
+
+    _ensure_cpu_workers()  # gptqmodel on 2 cores needs >= 2 CPU workers
     gptqmodel = pytest.importorskip("gptqmodel", reason="gptqmodel is not installed: no GPTQ kernels")
     # transformers loads GPTQ checkpoints through optimum's GPTQ integration, which drives gptqmodel
     pytest.importorskip("optimum.gptq", reason="optimum is not installed: transformers cannot load GPTQ")
