@@ -13,6 +13,7 @@ transformers' GPTQ integration (optimum + gptqmodel kernels; on CPU, any dtype: 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Sequence
@@ -225,6 +226,7 @@ class TransformersBackend:
         kv_dtype = torch_dtype if torch_dtype != torch.float32 or self.device.type == "cpu" else torch.float32
         if quantization or getattr(config, "quantization_config", None):
             kv_dtype = torch_dtype
+            _quiet_bnb_cast_warning()
         per_token = 2 * len(self._layers) * self.n_kv_heads * self.head_dim * torch.tensor([], dtype=kv_dtype).element_size()
         budget = int((kv_cache_gb if kv_cache_gb is not None else self._default_kv_gb()) * 2**30)
         num_blocks = max(1, budget // (per_token * block_size))
@@ -370,3 +372,27 @@ class TransformersBackend:
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class _Once(logging.Filter):
+    """Let a message through the first time only."""
+
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix, self.seen = prefix, False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith(self.prefix):
+            return True
+        if self.seen:
+            return False
+        self.seen = True
+        return True
+
+
+def _quiet_bnb_cast_warning() -> None:
+    # bitsandbytes logs "inputs will be cast ... to float16" on every int8 matmul of a float32 model:
+    # thousands of lines per generated answer
+    logger = logging.getLogger("bitsandbytes.autograd._functions")
+    if not any(isinstance(f, _Once) for f in logger.filters):
+        logger.addFilter(_Once("MatMul8bitLt: inputs will be cast"))
