@@ -34,7 +34,8 @@ from hearth.runtime.chat_template import DEFAULT_CHATML_TEMPLATE, render_chat_te
 from .common import TrainingDataError, say
 
 __all__ = ["Chat", "PreferencePair", "load_chats", "load_chat_files", "load_preferences", "load_texts",
-           "render_chat", "render_chats", "ChatCollator", "epoch_order", "split_eval", "IGNORE_INDEX"]
+           "read_jsonl_objects", "render_chat", "render_chats", "ChatCollator", "epoch_order", "split_eval",
+           "IGNORE_INDEX"]
 
 IGNORE_INDEX = -100  # label of a token the loss skips (torch's cross_entropy default)
 ROLES = ("system", "user", "assistant")
@@ -120,6 +121,31 @@ def _array_records(path: Path, text: str) -> Iterator[tuple[int, Any]]:
                 raise TrainingDataError(path, line_of(pos + 1), None, "text after the closing ']'")
             return
         raise TrainingDataError(path, line_of(pos), None, "not JSON (expected ',' or ']' between records)")
+
+
+def read_jsonl_objects(path: str | os.PathLike) -> list[tuple[int, dict[str, Any]]]:
+    """(line, record) for each non-blank line of a JSONL file of JSON objects, for readers of other record
+    kinds (exam questions, seed tasks, prompts) that check the fields themselves. Unlike the loaders above it
+    takes no JSON array; a missing file, non-UTF-8 text, bad JSON or a non-object raise TrainingDataError."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise TrainingDataError(path, None, None, "no such file") from None
+    except UnicodeDecodeError as e:
+        raise TrainingDataError(path, None, None, f"not UTF-8 text ({e})") from None
+    out = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise TrainingDataError(path, n, None, f"not valid JSON ({e.msg})") from None
+        if not isinstance(rec, dict):
+            raise TrainingDataError(path, n, None, f"each line must be a JSON object; got {type(rec).__name__}")
+        out.append((n, rec))
+    return out
 
 
 def _text(value: Any, path: Path, line: int, fld: str, allow_empty: bool = False) -> str:

@@ -35,6 +35,7 @@ from hearth.runtime.errors import ContextLengthExceeded, UnsupportedModelError
 from hearth.runtime.registry import resolve_model
 
 from .common import TrainingConfigError, TrainingDataError, atomic_write_text
+from .data import read_jsonl_objects
 from .eval_judge import JudgeConfig, JudgeResult, judge  # noqa: F401  (the API mirrors the commands)
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
@@ -311,20 +312,8 @@ def read_mc_jsonl(path: str | os.PathLike) -> list[MCQuestion]:
     """C-Eval / MMLU records: subject, question, options as A/B/C/D keys or a 4-item `choices` list, answer
     as a letter or 0-3, optional id and split (test/dev). Errors name the file, line and field."""
     path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise TrainingDataError(path, None, None, "no such file") from None
     out: list[MCQuestion] = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise TrainingDataError(path, n, None, f"not valid JSON ({e.msg})") from None
-        if not isinstance(rec, dict):
-            raise TrainingDataError(path, n, None, "each line must be a JSON object")
+    for n, rec in read_jsonl_objects(path):
         for key in ("subject", "question"):
             if not isinstance(rec.get(key), str) or not rec[key].strip():
                 raise TrainingDataError(path, n, key, "missing or not a non-empty string")

@@ -26,18 +26,17 @@ content hash. metrics.jsonl logs the mean reward (`reward`) and the KL to the re
 from __future__ import annotations
 
 import importlib
-import json
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal
 
-from hearth.training.common import (MetricsLog, RunDir, TrainingConfigError, TrainingDataError, config_to_dict,
-                                    peak_memory_mb, pick_precision, plot_metrics, publish, say, stage_manifest)
+from hearth.training.common import (TrainingConfigError, TrainingDataError, config_to_dict, peak_memory_mb,
+                                    pick_precision, plot_metrics, say, stage_manifest)
+from hearth.training.trl_support import (check_config, checkpoint_bridge, load_tokenizer, lora_config, merged_policy,
+                                         prepare_run, publish_model, resolve_device, say_speed, trainer_args)
 
 BUNDLED_PREFERENCES = Path(__file__).parent / "data" / "preferences.jsonl"
-HF_SCRATCH = ".trainer"  # where TRL writes its checkpoint-N before we move it into checkpoints/step-N
 
 
 @dataclass
@@ -96,18 +95,10 @@ class Config:
         if self.num_generations < 2:
             raise TrainingConfigError(f"num_generations must be >= 2 (the leave-one-out baseline needs a sibling); "
                                       f"got {self.num_generations}")
-        for name in ("prompts_per_step", "max_completion_length", "max_steps", "gradient_accumulation_steps",
-                     "lora_r", "save_steps", "logging_steps"):
-            if getattr(self, name) < 1:
-                raise TrainingConfigError(f"{name} must be >= 1; got {getattr(self, name)}")
         if self.temperature <= 0:
             raise TrainingConfigError(f"temperature must be > 0; got {self.temperature}")
-        if self.learning_rate <= 0:
-            raise TrainingConfigError(f"learning_rate must be > 0; got {self.learning_rate}")
-        if self.keep_checkpoints < 1:
-            raise TrainingConfigError(f"keep_checkpoints must be >= 1 (resume needs one); got {self.keep_checkpoints}")
-        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
-            raise TrainingConfigError(f"device must be auto, cpu or cuda[:N]; got {self.device!r}")
+        check_config(self, ("prompts_per_step", "max_completion_length", "max_steps", "gradient_accumulation_steps",
+                            "lora_r", "save_steps", "logging_steps"))
 
 
 # ----------------------------------------------------------------------------- prompts and rewards
@@ -115,23 +106,11 @@ class Config:
 
 def load_prompts(path: str | Path) -> list[list[dict[str, str]]]:
     """Prompts as chat messages ending with a user turn; a bad record names the file, line and field."""
+    from hearth.training.data import read_jsonl_objects
+
     p = Path(path)
-    try:
-        lines = p.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise TrainingDataError(p, None, None, "no such file") from None
-    except UnicodeDecodeError as e:
-        raise TrainingDataError(p, None, None, f"not UTF-8 text ({e})") from None
     prompts = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise TrainingDataError(p, n, None, f"not valid JSON ({e.msg})") from None
-        if not isinstance(rec, dict):
-            raise TrainingDataError(p, n, None, f"a record must be a JSON object; got {type(rec).__name__}")
+    for n, rec in read_jsonl_objects(p):
         key = "prompt" if "prompt" in rec else "messages" if "messages" in rec else None
         if key is None:
             raise TrainingDataError(p, n, "prompt", "is missing (give `prompt` or `messages`)")
@@ -177,36 +156,6 @@ def import_reward_function(spec: str) -> Callable[..., list[float]]:
     return reward
 
 
-def _bridge(run: RunDir, log: MetricsLog, state: dict[str, Any]):
-    """A TrainerCallback that logs each record to metrics.jsonl and moves each checkpoint TRL wrote into
-    checkpoints/step-N atomically (TRL's own folder is written file by file; a kill could leave half of one)."""
-    from transformers import TrainerCallback
-
-    class Bridge(TrainerCallback):
-        tokens = 0  # the trainer's running count of input tokens (prompts + completions), restored on resume
-        start_tokens: int | None = None
-
-        def on_train_begin(self, args, st, control, **kw):
-            self.start_tokens = st.num_input_tokens_seen
-
-        def on_log(self, args, st, control, logs=None, **kw):
-            if logs:
-                log.log(step=st.global_step, **{k: v for k, v in logs.items() if isinstance(v, (int, float))})
-                self.tokens = int(logs.get("num_tokens", self.tokens))
-
-        def on_save(self, args, st, control, **kw):
-            src = Path(args.output_dir) / f"checkpoint-{st.global_step}"
-
-            def fill(tmp: Path) -> None:
-                for f in src.iterdir():
-                    shutil.move(str(f), tmp / f.name)
-
-            run.save_checkpoint(st.global_step, fill, state=dict(state))
-            shutil.rmtree(src, ignore_errors=True)
-
-    return Bridge()
-
-
 # ----------------------------------------------------------------------------- run
 
 
@@ -225,18 +174,9 @@ def run(config: Config, resume: bool = False) -> Path:
     prompts = load_prompts(cfg.prompts)
     say(f"{len(prompts)} prompts from {cfg.prompts}")
 
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    device = resolve_device(cfg.device)
     precision = pick_precision(device, cfg.precision)
-    run_dir = RunDir(cfg.output_dir, keep=cfg.keep_checkpoints)
-    start = run_dir.latest() if resume else None
-    if resume and start is None:
-        say(f"no complete checkpoint in {run_dir.checkpoints}; starting from the beginning")
-    if not resume and run_dir.checkpoints.exists():
-        shutil.rmtree(run_dir.checkpoints)  # a fresh run: old checkpoints must not be resumed into it later
-    shutil.rmtree(run_dir.out / HF_SCRATCH, ignore_errors=True)
-    if start is not None:
-        say(f"resuming from {start.path} (step {start.step})")
-    log = MetricsLog(run_dir.metrics, resume_step=start.step if start else None)
+    run_dir, start, log = prepare_run(cfg.output_dir, cfg.keep_checkpoints, resume)
 
     reward_info: dict[str, Any]
     if cfg.reward_model is not None:
@@ -254,30 +194,18 @@ def run(config: Config, resume: bool = False) -> Path:
         reward_fn, reward_tok = import_reward_function(cfg.reward_function), None
         reward_info = {"reward_function": cfg.reward_function}
 
-    tok = AutoTokenizer.from_pretrained(base, local_files_only=True)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
+    tok = load_tokenizer(base)
     saved_padding_side = tok.padding_side
     tok.padding_side = "left"  # prompts are left-padded so every answer starts at the same column
     model = AutoModelForCausalLM.from_pretrained(base, local_files_only=True, dtype=torch.float32)
-    peft_config = None
-    if cfg.lora:
-        from peft import LoraConfig
-        peft_config = LoraConfig(task_type="CAUSAL_LM", r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
-                                 lora_dropout=cfg.lora_dropout, target_modules=list(cfg.lora_target_modules))
+    peft_config = lora_config(cfg, "CAUSAL_LM") if cfg.lora else None
 
     args = RLOOConfig(
-        output_dir=str(run_dir.out / HF_SCRATCH), max_steps=cfg.max_steps, beta=cfg.beta,
-        num_generations=cfg.num_generations, per_device_train_batch_size=cfg.prompts_per_step * cfg.num_generations,
+        **trainer_args(cfg, run_dir, device, precision), beta=cfg.beta, num_generations=cfg.num_generations,
+        per_device_train_batch_size=cfg.prompts_per_step * cfg.num_generations,
         max_completion_length=cfg.max_completion_length, temperature=cfg.temperature, epsilon=cfg.epsilon,
-        normalize_advantages=cfg.normalize_advantages,
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps, learning_rate=cfg.learning_rate,
-        warmup_steps=cfg.warmup_steps, weight_decay=cfg.weight_decay,
-        activation_checkpointing=cfg.gradient_checkpointing, bf16=precision == "bf16", fp16=precision == "fp16",
-        use_cpu=device == "cpu", seed=cfg.seed, data_seed=cfg.seed, logging_steps=cfg.logging_steps,
-        save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=None, eval_strategy="no",
-        report_to="none", disable_tqdm=False, dataloader_num_workers=0)
-    bridge = _bridge(run_dir, log, {"seed": cfg.seed})
+        normalize_advantages=cfg.normalize_advantages)
+    bridge = checkpoint_bridge(run_dir, log, {"seed": cfg.seed})
     trainer = RLOOTrainer(model=model, reward_funcs=reward_fn, args=args,
                           train_dataset=Dataset.from_list([{"prompt": p} for p in prompts]), processing_class=tok,
                           reward_processing_classes=reward_tok, peft_config=peft_config, callbacks=[bridge])
@@ -285,7 +213,7 @@ def run(config: Config, resume: bool = False) -> Path:
     t0 = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=str(start.path) if start else None)
     seconds = time.perf_counter() - t0
-    tokens = bridge.tokens - (bridge.start_tokens or 0)
+    tokens = bridge.tokens - (bridge.start_tokens or 0)  # RLOO's count is restored on resume
 
     records = [r for r in log.read() if "reward" in r]
     k = max(1, len(records) // 4)  # first and last quarter of the run, to see the trend past sampling noise
@@ -299,13 +227,7 @@ def run(config: Config, resume: bool = False) -> Path:
             f"(last {k})" + (f", KL to reference {metrics['kl_last']:.4f}" if "kl_last" in metrics else ""))
     plot_metrics(run_dir.metrics, run_dir.plot, keys=("reward", "kl"), title="RLOO: mean reward and KL to the reference")
 
-    policy = trainer.model
-    adapter_dir = None
-    if cfg.lora:
-        adapter_dir = run_dir.out / HF_SCRATCH / "adapter"
-        policy.save_pretrained(adapter_dir, safe_serialization=True)
-        policy = policy.merge_and_unload()  # a plain causal LM: the runtime needs no peft
-    policy = policy.to(torch.float32).eval()
+    policy, adapter_dir = merged_policy(trainer.model, cfg.lora, run_dir)  # a plain causal LM (+ adapter/)
 
     mem = peak_memory_mb()
     metrics.update(tokens_per_s=tokens / max(seconds, 1e-9), **mem)
@@ -314,16 +236,8 @@ def run(config: Config, resume: bool = False) -> Path:
     data_files = [cfg.prompts]
     manifest = stage_manifest("rlhf", "rloo", base, params, data_files=data_files, metrics=metrics)
 
-    def fill(tmp: Path) -> None:
-        policy.save_pretrained(tmp, safe_serialization=True)
-        tok.padding_side = saved_padding_side  # the checkpoint keeps the tokenizer as it came
-        tok.save_pretrained(tmp)
-        if adapter_dir is not None:
-            shutil.copytree(adapter_dir, tmp / "adapter")
-
-    publish(run_dir.out, fill, manifest)
-    shutil.rmtree(run_dir.out / HF_SCRATCH, ignore_errors=True)
-    say(f"{tokens / max(seconds, 1e-9):.0f} training tokens/s ({tokens} tokens in {seconds:.1f}s); peak memory "
-        + ", ".join(f"{k} {v:.0f}" for k, v in mem.items()))
+    tok.padding_side = saved_padding_side  # the checkpoint keeps the tokenizer as it came
+    publish_model(run_dir, policy, tok, manifest, adapter_dir)
+    say_speed(tokens, seconds, mem)
     say(f"policy written to {run_dir.out}")
     return run_dir.out

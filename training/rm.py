@@ -8,24 +8,25 @@ The output is an HF AutoModelForSequenceClassification checkpoint (stage "rm") w
 with `RewardModel.load(path)` and call `.score(texts)` or `.score_chats(conversations)`. Pairwise accuracy
 on the training pairs and on a held-out split goes into the manifest's metrics.
 
-TRL's Trainer writes checkpoint-N folders in place; a callback moves each finished one into
+TRL's Trainer writes checkpoint-N folders in place; a callback (trl_support) moves each finished one into
 <out>/checkpoints/step-N through common.RunDir (atomic), and `--resume` continues from the newest of those.
 """
 
 from __future__ import annotations
 
 import math
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
-from hearth.training.common import (MetricsLog, RunDir, TrainingConfigError, config_to_dict,
-                                    peak_memory_mb, pick_precision, plot_metrics, publish, say, stage_manifest)
+from hearth.training.common import (TrainingConfigError, config_to_dict, peak_memory_mb, pick_precision,
+                                    plot_metrics, say, stage_manifest)
+from hearth.training.trl_support import (check_config, checkpoint_bridge, load_pairs, load_tokenizer,
+                                         lora_config, prepare_run, publish_model, resolve_device, say_speed,
+                                         split_pairs, trainer_args)
 
 BUNDLED_PREFERENCES = Path(__file__).parent / "data" / "preferences.jsonl"
-HF_SCRATCH = ".trainer"  # where TRL writes its checkpoint-N before we move it into checkpoints/step-N
 
 
 @dataclass
@@ -66,38 +67,8 @@ class Config:
     def __post_init__(self) -> None:
         if not 0.0 <= self.eval_fraction < 1.0:
             raise TrainingConfigError(f"eval_fraction must be in [0, 1); got {self.eval_fraction}")
-        for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "max_length", "lora_r",
-                     "save_steps", "logging_steps"):
-            if getattr(self, name) < 1:
-                raise TrainingConfigError(f"{name} must be >= 1; got {getattr(self, name)}")
-        if self.learning_rate <= 0:
-            raise TrainingConfigError(f"learning_rate must be > 0; got {self.learning_rate}")
-        if self.keep_checkpoints < 1:
-            raise TrainingConfigError(f"keep_checkpoints must be >= 1 (resume needs one); got {self.keep_checkpoints}")
-        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
-            raise TrainingConfigError(f"device must be auto, cpu or cuda[:N]; got {self.device!r}")
-
-
-# ----------------------------------------------------------------------------- data
-
-
-def load_pairs(path: str | Path) -> list[dict[str, Any]]:
-    """Preference records as TRL's conversational preference format:
-    {"prompt": [messages], "chosen": [assistant message], "rejected": [assistant message]}."""
-    from hearth.training.data import load_preferences
-
-    return [{"prompt": [dict(m) for m in p.prompt],
-             "chosen": [{"role": "assistant", "content": p.chosen}],
-             "rejected": [{"role": "assistant", "content": p.rejected}]}
-            for p in load_preferences(path)]
-
-
-def split_pairs(pairs: list[dict[str, Any]], eval_fraction: float, seed: int) -> tuple[list, list]:
-    """(train, held-out): a seeded `eval_fraction` of the pairs held out (data.split_eval)."""
-    from hearth.training.data import split_eval
-
-    train_idx, held_idx = split_eval(len(pairs), eval_fraction, seed)
-    return [pairs[i] for i in train_idx], [pairs[i] for i in held_idx]
+        check_config(self, ("max_steps", "batch_size", "gradient_accumulation_steps", "max_length", "lora_r",
+                            "save_steps", "logging_steps"))
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -149,55 +120,13 @@ class RewardModel:
         return sum(c > r for c, r in zip(chosen, rejected)) / len(pairs)
 
 
-# ----------------------------------------------------------------------------- TRL <-> RunDir
-
-
-def _bridge(run: RunDir, log: MetricsLog, state: dict[str, Any]):
-    """A TrainerCallback that logs each record to metrics.jsonl and moves each checkpoint TRL wrote into
-    checkpoints/step-N atomically (TRL's own folder is written file by file; a kill could leave half of one)."""
-    from transformers import TrainerCallback
-
-    class Bridge(TrainerCallback):
-        tokens = 0  # the trainer's running count of training tokens in this process (its "num_tokens")
-
-        def on_log(self, args, st, control, logs=None, **kw):
-            if logs:
-                log.log(step=st.global_step, **{k: v for k, v in logs.items() if isinstance(v, (int, float))})
-                self.tokens = int(logs.get("num_tokens", self.tokens))
-
-        def on_save(self, args, st, control, **kw):
-            src = Path(args.output_dir) / f"checkpoint-{st.global_step}"
-
-            def fill(tmp: Path) -> None:
-                for f in src.iterdir():
-                    shutil.move(str(f), tmp / f.name)
-
-            run.save_checkpoint(st.global_step, fill, state=dict(state))
-            shutil.rmtree(src, ignore_errors=True)
-
-    return Bridge()
-
-
-def _prepare_run(cfg: Config, resume: bool) -> tuple[RunDir, Any, MetricsLog]:
-    run = RunDir(cfg.output_dir, keep=cfg.keep_checkpoints)
-    start = run.latest() if resume else None
-    if resume and start is None:
-        say(f"no complete checkpoint in {run.checkpoints}; starting from the beginning")
-    if not resume and run.checkpoints.exists():
-        shutil.rmtree(run.checkpoints)  # a fresh run: old checkpoints must not be resumed into it later
-    shutil.rmtree(run.out / HF_SCRATCH, ignore_errors=True)
-    if start is not None:
-        say(f"resuming from {start.path} (step {start.step})")
-    return run, start, MetricsLog(run.metrics, resume_step=start.step if start else None)
-
-
 # ----------------------------------------------------------------------------- run
 
 
 def run(config: Config, resume: bool = False) -> Path:
     """Train the reward model; returns the output checkpoint dir."""
     import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForSequenceClassification
     from trl import RewardConfig, RewardTrainer
 
     from datasets import Dataset
@@ -209,35 +138,23 @@ def run(config: Config, resume: bool = False) -> Path:
     train_pairs, held_pairs = split_pairs(pairs, cfg.eval_fraction, cfg.seed)
     say(f"{len(pairs)} preference pairs from {cfg.data}: {len(train_pairs)} train, {len(held_pairs)} held out")
 
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    device = resolve_device(cfg.device)
     precision = pick_precision(device, cfg.precision)
-    run_dir, start, log = _prepare_run(cfg, resume)
+    run_dir, start, log = prepare_run(cfg.output_dir, cfg.keep_checkpoints, resume)
 
-    tok = AutoTokenizer.from_pretrained(base, local_files_only=True)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
+    tok = load_tokenizer(base)
     torch.manual_seed(cfg.seed)  # the score head is initialised at random
     model = AutoModelForSequenceClassification.from_pretrained(
         base, num_labels=1, local_files_only=True, dtype=torch.float32)
     model.config.pad_token_id = tok.pad_token_id  # the head reads the last non-pad token of each row
 
-    peft_config = None
-    if cfg.lora:
-        from peft import LoraConfig
-        peft_config = LoraConfig(task_type="SEQ_CLS", r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
-                                 lora_dropout=cfg.lora_dropout, target_modules=list(cfg.lora_target_modules),
-                                 modules_to_save=["score"])  # the new head trains in full
+    # the new score head trains in full
+    peft_config = lora_config(cfg, "SEQ_CLS", modules_to_save=["score"]) if cfg.lora else None
 
     args = RewardConfig(
-        output_dir=str(run_dir.out / HF_SCRATCH), max_steps=cfg.max_steps,
-        per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps, learning_rate=cfg.learning_rate,
-        warmup_steps=cfg.warmup_steps, weight_decay=cfg.weight_decay, max_length=cfg.max_length,
-        activation_checkpointing=cfg.gradient_checkpointing, bf16=precision == "bf16", fp16=precision == "fp16",
-        use_cpu=device == "cpu", seed=cfg.seed, data_seed=cfg.seed, logging_steps=cfg.logging_steps,
-        save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=None, eval_strategy="no",
-        report_to="none", disable_tqdm=False, dataloader_num_workers=0, center_rewards_coefficient=None)
-    bridge = _bridge(run_dir, log, {"seed": cfg.seed})
+        **trainer_args(cfg, run_dir, device, precision), per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.batch_size, max_length=cfg.max_length, center_rewards_coefficient=None)
+    bridge = checkpoint_bridge(run_dir, log, {"seed": cfg.seed})
     trainer = RewardTrainer(
         model=model, args=args, train_dataset=Dataset.from_list(train_pairs), processing_class=tok,
         peft_config=peft_config, callbacks=[bridge])
@@ -272,13 +189,7 @@ def run(config: Config, resume: bool = False) -> Path:
     manifest = stage_manifest("rm", "reward-model-lora" if cfg.lora else "reward-model", base, params,
                               data_files=[cfg.data], metrics=metrics)
 
-    def fill(tmp: Path) -> None:
-        final.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
-
-    publish(run_dir.out, fill, manifest)
-    shutil.rmtree(run_dir.out / HF_SCRATCH, ignore_errors=True)
-    say(f"{tokens / max(seconds, 1e-9):.0f} training tokens/s ({tokens} tokens in {seconds:.1f}s); peak memory "
-        + ", ".join(f"{k} {v:.0f}" for k, v in mem.items()))
+    publish_model(run_dir, final, tok, manifest)
+    say_speed(tokens, seconds, mem)
     say(f"reward model written to {run_dir.out}")
     return run_dir.out

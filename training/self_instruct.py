@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .common import TrainingConfigError, TrainingDataError, atomic_write_text
+from .data import read_jsonl_objects
 from .eval_openai import TeacherError, async_client, chat
 
 BUNDLED_SEEDS = Path(__file__).resolve().parent / "data" / "seed_tasks.jsonl"
@@ -119,20 +120,8 @@ class Task:
 def read_tasks(path: str | Path, allow_empty: bool = False) -> list[Task]:
     """Alpaca JSONL (instruction, input, output), or Self-Instruct seeds (instruction + instances)."""
     path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise TrainingDataError(path, None, None, "no such file") from None
     tasks = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise TrainingDataError(path, n, None, f"not valid JSON ({e.msg})") from None
-        if not isinstance(rec, dict):
-            raise TrainingDataError(path, n, None, "each line must be a JSON object")
+    for n, rec in read_jsonl_objects(path):
         if "instances" in rec and "output" not in rec:
             inst = rec["instances"]
             if not (isinstance(inst, list) and inst and isinstance(inst[0], dict)):
