@@ -3,6 +3,7 @@
     hearth bench engine --json out.json [--threads 2] [--quick] [--backends llamacpp,transformers]
     hearth bench serve --json out.json [--mode both|no-ray|ray] [--concurrency 1,4,16,32] [--max-tokens 64]
     hearth bench quantize --json out.json --png out.png [--quick] [--only NAME ...]
+    hearth bench train --json out.json [--steps 4] [--methods full,lora,qlora]
 
 The benchmarks are not part of the installed package: they are loaded from `bench/<name>.py` in
 the source tree beside this package (a git checkout or an editable install). Each one defines
@@ -25,6 +26,7 @@ BENCHMARKS = {
                           "inter-token latency per concurrency level"),
     "quantize": ("quantize.py", "quality of the default model's int8 / GPTQ / GGUF artifacts against fp32: "
                                 "perplexity, KL, agreement, size"),
+    "train": ("train.py", "SFT full vs LoRA vs QLoRA on the default model: training tokens/s and peak memory"),
 }
 
 

@@ -391,6 +391,35 @@ def pick_precision(device: str, want: str = "auto") -> str:
     return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
 
+def _status_kb(field: str) -> float | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return float(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def reset_peak_rss() -> float | None:
+    """Reset this process's peak-RSS mark (Linux /proc/self/clear_refs) and return the current RSS in MB,
+    so the peak measured afterwards is the training loop's own, not model loading's. None elsewhere."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return None
+    rss = _status_kb("VmRSS")
+    return rss / 1024 if rss is not None else None
+
+
+def training_peak_mb(rss_after_load_mb: float | None) -> dict[str, float]:
+    """RSS after loading and the peak since reset_peak_rss (Linux), for the stage's metrics."""
+    hwm = _status_kb("VmHWM")
+    if rss_after_load_mb is None or hwm is None:
+        return {}
+    return {"rss_after_load_mb": rss_after_load_mb, "train_peak_rss_mb": hwm / 1024}
+
+
 def peak_memory_mb() -> dict[str, float]:
     """Peak resident memory of this process (and peak CUDA allocation when a GPU was used), in MB."""
     import resource

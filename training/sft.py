@@ -32,6 +32,7 @@ from hearth.runtime.chat_template import DEFAULT_CHATML_TEMPLATE
 from hearth.runtime.registry import DEFAULT_MODEL, resolve_model
 
 from .common import (MetricsLog, RunDir, TrainingConfigError, config_to_dict, peak_memory_mb, pick_precision,
+                     reset_peak_rss, training_peak_mb,
                      plot_metrics, publish, say, stage_manifest)
 from .data import ChatCollator, epoch_order, load_chat_files, render_chats, split_eval
 
@@ -350,6 +351,7 @@ def run(config: Config, resume: bool = False) -> Path:
     model = _load_model(cfg, base, device, precision)
     model.train()
     params = _trainable(model)
+    rss_loaded = reset_peak_rss()
     decay = [p for p in params.values() if p.dim() >= 2]
     no_decay = [p for p in params.values() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
@@ -424,7 +426,8 @@ def run(config: Config, resume: bool = False) -> Path:
 
     metrics: dict[str, Any] = {"final_loss": loss_value, "steps": total,
                                "train_tokens_per_s": tokens / elapsed if elapsed > 0 else 0.0,
-                               "examples": len(train_rows), **peak_memory_mb()}
+                               "examples": len(train_rows), **peak_memory_mb(), **training_peak_mb(rss_loaded),
+                               "trainable_params": sum(p.numel() for p in params.values())}
     if eval_loss is not None:
         metrics["eval_loss"] = eval_loss
     if cfg.method == "full":
