@@ -21,6 +21,7 @@ from typing import Any, Iterator
 from hearth.runtime.checkpoint import (CheckpointInfo, Manifest, Parent, content_hash, inspect_checkpoint,
                                        read_manifest)
 from hearth.runtime.errors import HearthError, ModelLoadError, ModelNotFoundError
+from hearth.runtime.fileio import atomic_write_text  # noqa: F401  (re-exported for the stages)
 
 TMP_MARK = ".tmp-"
 # Tokenizer and template files copied next to converted weights (whichever the source has).
@@ -132,21 +133,6 @@ def atomic_output(out: str | os.PathLike, *, is_file: bool = False, overwrite: b
         else:
             tmp.unlink(missing_ok=True)
         raise
-
-
-def atomic_write_text(target: str | os.PathLike, text: str) -> Path:
-    """Write a text file whole or not at all (temp file beside it, then rename)."""
-    target = Path(target)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}{TMP_MARK}")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
 
 
 def size_on_disk(path: str | os.PathLike) -> int:

@@ -20,13 +20,13 @@ import json
 import os
 import platform
 import struct
-import tempfile
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from .errors import ModelLoadError, ModelNotFoundError, UnsafeCheckpointError
+from .fileio import atomic_write_text
 
 MANIFEST_NAME = "hearth.json"
 FORMAT_VERSION = 1
@@ -147,23 +147,8 @@ def write_manifest(path: str | os.PathLike, manifest: Manifest) -> Path:
     # Serialize first, so a non-JSON value fails before any file is touched.
     text = json.dumps(manifest.to_dict(), indent=2, ensure_ascii=False) + "\n"
     target = directory / MANIFEST_NAME
-    _atomic_write_text(target, text)
+    atomic_write_text(target, text)
     return target
-
-
-def _atomic_write_text(target: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        if hasattr(os, "fchmod"):
-            os.fchmod(fd, 0o644)  # mkstemp makes it owner-only; manifests are meant to be read
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def update_metrics(path: str | os.PathLike, **metrics: Any) -> Manifest:

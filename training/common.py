@@ -31,6 +31,7 @@ import yaml
 
 from hearth.runtime.checkpoint import Manifest, Parent, content_hash, write_manifest
 from hearth.runtime.errors import HearthError
+from hearth.runtime.fileio import atomic_write_text  # noqa: F401  (re-exported for the stages)
 
 T = TypeVar("T")
 TMP_MARK = ".tmp-"
@@ -192,23 +193,6 @@ def atomic_dir(final: Path, fill: Callable[[Path], None]) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
-
-
-def atomic_write_text(target: str | os.PathLike, text: str) -> Path:
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}{TMP_MARK}")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
 
 
 # ----------------------------------------------------------------------------- run folders
