@@ -13,7 +13,8 @@ import logging
 import socket
 import threading
 import time
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import uvicorn
 
@@ -98,3 +99,32 @@ class LocalServer:
             except Exception as e:  # keep shutting the others down
                 log.warning("shutdown of %s failed: %s", s, e)
         self.services = []
+
+
+@contextmanager
+def in_background(config: ServeConfig, timeout_s: float = 300) -> Iterator[LocalServer]:
+    """The server on a thread of this process until the block ends, its models loaded (errors raised).
+
+        with in_background(ServeConfig(port=0)) as srv:
+            openai.OpenAI(base_url=srv.url + "/v1", api_key=...)
+    """
+    srv = LocalServer(config)
+    srv.start_loading()
+    t = threading.Thread(target=srv.server.run, kwargs={"sockets": [srv.sock]}, name="hearth-uvicorn", daemon=True)
+    t.start()
+    try:
+        end = time.monotonic() + timeout_s
+        while time.monotonic() < end and srv.app.state.router is None and not srv.app.state.load_error:
+            time.sleep(0.05)
+        while time.monotonic() < end and not srv.server.started:
+            time.sleep(0.02)
+        if srv.app.state.load_error:
+            from hearth.runtime.errors import ModelLoadError
+            raise ModelLoadError(srv.app.state.load_error)
+        if srv.app.state.router is None or not srv.server.started:
+            raise TimeoutError(f"the server did not start within {timeout_s:g} s")
+        yield srv
+    finally:
+        srv.server.should_exit = True
+        t.join(timeout=30)
+        srv.close()
