@@ -21,6 +21,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from hearth.runtime.errors import HearthError
 
+from . import agents_routes
 from . import chat as chat_route
 from . import completions as completions_route
 from . import errors
@@ -39,7 +40,8 @@ from .router import Router
 log = logging.getLogger("hearth.serve")
 
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-_ROUTES = {"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models", "/health", "/metrics"}
+_ROUTES = {"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models", "/health", "/metrics",
+           "/v1/agents/runs"}
 
 
 def api_keys_from_env(flags: list[str] | None = None) -> list[str]:
@@ -60,9 +62,10 @@ class _Edge:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path = scope.get("path", "")
-        route = path if path in _ROUTES or path.startswith("/v1/models/") else "other"
-        if route.startswith("/v1/models/"):
-            route = "/v1/models"
+        route = path if path in _ROUTES else "other"
+        for prefix in ("/v1/models", "/v1/rag"):
+            if path.startswith(prefix + "/"):
+                route = prefix
         if self.state.draining and path != "/health":
             err = unavailable("The server is shutting down.")
             self.metrics.requests.labels(route, "503").inc()
@@ -74,21 +77,26 @@ class _Edge:
                 status["code"] = message["status"]
             await send(message)
 
-        self.state.in_flight += 1
-        self.metrics.in_flight.inc()
+        counted = not path.startswith("/demo")  # an open demo page holds a heartbeat stream: never drained
+        if counted:
+            self.state.in_flight += 1
+            self.metrics.in_flight.inc()
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
-            self.state.in_flight -= 1
-            self.metrics.in_flight.dec()
+            if counted:
+                self.state.in_flight -= 1
+                self.metrics.in_flight.dec()
             self.metrics.requests.labels(route, str(status["code"])).inc()
 
 
 def build_app(config: ServeConfig, router: Router | None = None) -> FastAPI:
     """The app; with router None it answers 503 until `app.state.router` is set (models loading)."""
     app = FastAPI(title="hearth", version="0.1.0",
-                  description="OpenAI-compatible API of hearth: chat, completions, embeddings.")
+                  description="OpenAI-compatible API of hearth: chat, completions, embeddings, "
+                              "RAG indexes and agent runs.")
     app.state.router = router
+    app.state.agents = None
     app.state.draining = False
     app.state.in_flight = 0
     app.state.load_error = None
@@ -122,6 +130,16 @@ def build_app(config: ServeConfig, router: Router | None = None) -> FastAPI:
                 raise unavailable(f"The models failed to load: {app.state.load_error}")
             raise unavailable("The models are still loading.")
         return r
+
+    def current_agents():
+        """The agents (RAG + runs): set by the Ray ingress, or made here over the local router on first use."""
+        if not config.agents.enabled:
+            raise errors.APIError(404, "Agents and RAG are turned off on this server (agents.enabled: false).",
+                                  "invalid_request_error", None, "not_found")
+        if app.state.agents is None:
+            from .agents_service import AgentService
+            app.state.agents = AgentService(config, current_router())
+        return app.state.agents
 
     def deadline(t0: float) -> float:
         return t0 + config.request_timeout_s
@@ -177,6 +195,11 @@ def build_app(config: ServeConfig, router: Router | None = None) -> FastAPI:
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         t0 = time.monotonic()
         client, info = resolve(body, "chat.completions")
+        if body.reasoning is not None:
+            return await agents_routes.reasoning_chat(current_agents(), body, _include_usage(body))
+        cites = None
+        if body.rag is not None:
+            body, cites = await agents_routes.rag_chat_messages(current_agents(), body)
         try:
             plan = chat_route.plan_chat(body, info)
         except HearthError as e:
@@ -185,8 +208,14 @@ def build_app(config: ServeConfig, router: Router | None = None) -> FastAPI:
                     want_bytes=bool(body.logprobs))]
         await _start_all(runs, request)
         if body.stream:
-            return _sse(chat_route.stream(runs[0], plan, body.model, _include_usage(body)), runs)
-        return await _until_done(request, chat_route.complete(runs[0], plan, body.model), runs)
+            chunks = chat_route.stream(runs[0], plan, body.model, _include_usage(body))
+            if cites is not None:
+                chunks = _prepend(agents_routes.citations_chunk(plan.request.request_id, body.model, cites), chunks)
+            return _sse(chunks, runs)
+        resp = await _until_done(request, chat_route.complete(runs[0], plan, body.model), runs)
+        if cites is not None:
+            resp["citations"] = cites
+        return resp
 
     @app.post("/v1/completions", dependencies=auth)
     async def completions(body: CompletionRequest, request: Request):
@@ -227,6 +256,7 @@ def build_app(config: ServeConfig, router: Router | None = None) -> FastAPI:
         return {"object": "list", "data": data, "model": body.model,
                 "usage": {"prompt_tokens": res.prompt_tokens, "total_tokens": res.prompt_tokens}}
 
+    agents_routes.install(app, auth, current_agents)
     app.add_middleware(_Edge, state=app.state, metrics=metrics)
     return app
 
@@ -248,6 +278,12 @@ def _log_unknown(body: Any, route: str) -> None:
     extra = body.unknown_fields()
     if extra:
         log.info("%s: ignoring unknown fields %s", route, extra)
+
+
+async def _prepend(first: str, rest: AsyncIterator[str]) -> AsyncIterator[str]:
+    yield first
+    async for s in rest:
+        yield s
 
 
 def _include_usage(body) -> bool:

@@ -19,6 +19,12 @@
         stream_interval_ms: null           # batch streamed tokens (null: 0 without Ray, 40 under Ray)
     embeddings:
       - name: all-minilm-l6-v2             # path: null = the bundled model
+    agents:
+      rag_dir: null                        # named RAG indexes ($HEARTH_HOME/rag)
+      rag_allowed_roots: []                # server folders documents may be ingested from by path
+      sandbox: false                       # the Python sandbox tool
+      max_steps: 16                        # caps on what one agent run may ask
+      max_time_s: 300
 
 With no file, the default chat model (GGUF on llama.cpp) and the bundled embeddings are served.
 """
@@ -161,11 +167,46 @@ class EmbeddingConfig:
 
 
 @dataclass
+class AgentsConfig:
+    """Retrieval indexes and agent runs (`/v1/rag/...`, `/v1/agents/runs`, the chat `rag` and `reasoning`
+    extensions)."""
+
+    enabled: bool = True
+    model: str | None = None
+    """The chat model agents use when a request names none; None: the first configured model."""
+    rag_dir: str | None = None
+    """Where named RAG indexes live; None: $HEARTH_HOME/rag."""
+    rag_embedding_model: str | None = None
+    """A local sentence-transformers directory for retrieval; None: the bundled all-MiniLM-L6-v2."""
+    rag_allowed_roots: list[str] = field(default_factory=list)
+    """Server folders a documents request may name by path; empty: only uploaded text/content."""
+    max_document_bytes: int = 10 * 2**20
+    max_request_bytes: int = 50 * 2**20
+    sandbox: bool = False
+    """Offer the Python sandbox tool (a separate process with CPU, memory and time limits)."""
+    max_steps: int = 16
+    """The most model calls one agent run may ask for."""
+    max_time_s: float = 300.0
+    plan_memory: bool = True
+    """Keep successful plans (under rag_dir/_plans) and show similar ones to later runs."""
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.rag_allowed_roots, list), "agents.rag_allowed_roots must be a list of folders")
+        _check(isinstance(self.max_document_bytes, int) and self.max_document_bytes >= 1,
+               "agents.max_document_bytes must be an integer >= 1")
+        _check(isinstance(self.max_request_bytes, int) and self.max_request_bytes >= 1,
+               "agents.max_request_bytes must be an integer >= 1")
+        _check(isinstance(self.max_steps, int) and 1 <= self.max_steps <= 256, "agents.max_steps must be in [1, 256]")
+        _check(isinstance(self.max_time_s, (int, float)) and self.max_time_s > 0, "agents.max_time_s must be > 0")
+
+
+@dataclass
 class ServeConfig:
     """Everything `hearth serve` needs; command-line flags override the file."""
 
     models: list[ModelConfig] = field(default_factory=lambda: [ModelConfig()])
     embeddings: list[EmbeddingConfig] = field(default_factory=lambda: [EmbeddingConfig()])
+    agents: AgentsConfig = field(default_factory=AgentsConfig)
     host: str = "127.0.0.1"
     port: int = 8000
     api_keys: list[str] = field(default_factory=list)
@@ -181,6 +222,10 @@ class ServeConfig:
                        for i, m in enumerate(self.models or [])]
         self.embeddings = [_build(EmbeddingConfig, e, f"embeddings[{i}]") if isinstance(e, dict) else e
                            for i, e in enumerate(self.embeddings or [])]
+        if isinstance(self.agents, dict):
+            self.agents = _build(AgentsConfig, self.agents, "agents")
+        elif self.agents is None:
+            self.agents = AgentsConfig(enabled=False)
         _check(bool(self.models) or bool(self.embeddings), "configure at least one model or embedding model")
         names = [n for m in self.models for n in (m.name, *m.aliases)] + [e.name for e in self.embeddings]
         dup = sorted({n for n in names if names.count(n) > 1})

@@ -12,6 +12,8 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from hearth.agents.rag import DocumentNotFound, ExtractionError, IndexBusy, IndexNotFound, RagError
+from hearth.agents.types import AgentError
 from hearth.runtime.errors import (
     CapacityError,
     ContextLengthExceeded,
@@ -90,6 +92,20 @@ def from_exception(e: BaseException, prompt_param: str = "messages") -> APIError
                         "queue_full", {"Retry-After": str(RETRY_AFTER_S)})
     if isinstance(e, (EngineDeadError, ModelLoadError)):
         return unavailable(f"The model is unavailable: {e}")
+    if isinstance(e, IndexNotFound):
+        return APIError(404, str(e), "invalid_request_error", "index", "index_not_found")
+    if isinstance(e, DocumentNotFound):
+        return APIError(404, str(e), "invalid_request_error", "source", "document_not_found")
+    if isinstance(e, IndexBusy):
+        return APIError(409, str(e), "invalid_request_error", "index", "index_busy",
+                        {"Retry-After": str(RETRY_AFTER_S)})
+    if isinstance(e, ExtractionError):  # an uploaded PDF/HTML/text that cannot be read
+        return APIError(400, str(e), "invalid_request_error", "documents", None)
+    if isinstance(e, RagError):  # a damaged index or one built with another embedding model
+        return APIError(409, str(e), "invalid_request_error", "index", "index_unusable")
+    if isinstance(e, AgentError):  # the agent machinery failed, not the client's input
+        log.warning("agent run failed: %s", e)
+        return APIError(500, f"The agent run failed: {e}", "server_error", None, "agent_error")
     if isinstance(e, HearthError):
         return APIError(400, str(e), "invalid_request_error", None, None)
     log.error("unhandled error", exc_info=e)

@@ -138,6 +138,30 @@ class _SamplingFields(_Open):
         return v
 
 
+STRATEGIES = ("plain", "cot", "few_shot_cot", "self_consistency", "react", "plan_execute", "tot", "tools")
+_INDEX_NAME = r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,63}$"
+
+
+class RagSpec(BaseModel):
+    """hearth's chat extension `"rag": {"index": NAME, "top_k": K}`: answer from a RAG index, with citations."""
+
+    model_config = _EXTRA
+    index: str = Field(pattern=_INDEX_NAME)
+    top_k: int = Field(default=4, ge=1, le=50)
+    mmr: bool = False
+
+
+class ReasoningSpec(BaseModel):
+    """hearth's chat extension `"reasoning": {"strategy": "self_consistency", "n": 5}`."""
+
+    model_config = _EXTRA
+    strategy: Literal[STRATEGIES]
+    n: int = Field(default=5, ge=1, le=32)
+    answer_type: Literal["auto", "number", "choice", "text"] = "auto"
+    max_steps: int | None = Field(default=None, ge=1)
+    time_budget_s: float | None = Field(default=None, gt=0)
+
+
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
@@ -147,6 +171,9 @@ class ChatCompletionRequest(_SamplingFields):
     tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = None
     parallel_tool_calls: bool | None = True
     response_format: ResponseFormat | None = None
+    # hearth extensions (clients of other servers never send them)
+    rag: RagSpec | None = None
+    reasoning: ReasoningSpec | None = None
 
 
 class CompletionRequest(_SamplingFields):
@@ -163,6 +190,59 @@ class EmbeddingRequest(_Open):
     encoding_format: Literal["float", "base64"] | None = "float"
     dimensions: int | None = Field(default=None, ge=1)
     user: str | None = None
+
+
+class RagDocument(BaseModel):
+    """One document to index: its text, or its bytes (base64) with a format to extract text from."""
+
+    model_config = _EXTRA
+    source: str = Field(min_length=1, max_length=512)
+    text: str | None = None
+    content_base64: str | None = None
+    format: Literal["txt", "md", "html", "pdf"] | None = None
+
+
+class RagDocumentsRequest(_Open):
+    documents: list[RagDocument] = Field(default_factory=list, max_length=10_000)
+    paths: list[str] = Field(default_factory=list, max_length=10_000)
+    """Server files or folders, only inside the server's `agents.rag_allowed_roots`."""
+    create: bool = True
+
+
+class RagQueryRequest(_Open):
+    query: str = Field(min_length=1, max_length=20_000)
+    top_k: int = Field(default=4, ge=1, le=50)
+    mmr: bool = False
+    mmr_lambda: float = Field(default=0.5, ge=0.0, le=1.0)
+
+
+class RagDeleteRequest(_Open):
+    sources: list[str] = Field(min_length=1, max_length=10_000)
+
+
+class AgentBudget(BaseModel):
+    model_config = _EXTRA
+    max_steps: int | None = Field(default=None, ge=1)
+    time_s: float | None = Field(default=None, gt=0)
+
+
+class AgentRunRequest(_Open):
+    """POST /v1/agents/runs: one task, one strategy, optional tools and RAG index, budgets."""
+
+    model: str | None = None
+    input: str | None = Field(default=None, min_length=1, max_length=100_000)
+    messages: list[ChatMessage] | None = None
+    strategy: Literal[STRATEGIES] = "tools"
+    tools: list[str] | None = None
+    """Built-in or plugin tool names; None: every tool the server offers (rag_search when `rag` is set)."""
+    rag: RagSpec | None = None
+    budget: AgentBudget | None = None
+    n: int = Field(default=5, ge=1, le=32)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    max_tokens: int | None = Field(default=None, ge=1)
+    seed: int | None = None
+    answer_type: Literal["auto", "number", "choice", "text"] = "auto"
+    stream: bool = False
 
 
 def completion_prompts(prompt: Any) -> list[str | list[int]]:

@@ -1,5 +1,6 @@
-"""Ray Serve wiring: one deployment per chat model, one per embedding model, and the FastAPI
-ingress that routes by `model`. The only module of hearth that imports ray.
+"""Ray Serve wiring: one deployment per chat model, one per embedding model, the agents deployment
+(RAG + agent runs, holding handles to the chat deployments), and the FastAPI ingress that routes by
+`model`. The only module of hearth that imports ray.
 
     hearth serve                          # embedded local Ray, 127.0.0.1:8000
     hearth serve --address auto           # join the Ray cluster this node belongs to
@@ -139,11 +140,72 @@ class RemoteEmbedding:
 
 
 @serve.deployment
+class Agents:
+    """RAG indexes and agent runs, composed with the chat deployments through their handles."""
+
+    async def __init__(self, config: ServeConfig, chat: dict[str, Any]):
+        from .agents_service import AgentService
+
+        router = Router()
+        for handle in chat.values():
+            await router.add_chat(RemoteChat(handle))
+        self.svc = AgentService(config, router)
+
+    async def call(self, method: str, *args):
+        return await getattr(self.svc, method)(*args)
+
+    async def run(self, req):
+        async for event in self.svc.run(req):
+            yield event
+
+
+class RemoteAgents:
+    """The agents deployment's handle behind the AgentService interface the app uses."""
+
+    _UNARY = ("rag_add", "rag_query", "rag_indexes", "rag_documents", "rag_delete", "rag_drop", "rag_context",
+              "reason")
+
+    def __init__(self, handle):
+        self.handle = handle
+        self.stream_handle = handle.options(stream=True)
+
+    def __getattr__(self, method: str):
+        if method not in self._UNARY:
+            raise AttributeError(method)
+
+        async def call(*args):
+            try:
+                return await self.handle.call.remote(method, *args)
+            except ray.exceptions.RayTaskError as e:
+                raise _cause(e) from None
+        return call
+
+    async def run(self, req) -> AsyncIterator:
+        gen = self.stream_handle.run.remote(req)
+        finished = False
+        try:
+            async for event in gen:
+                yield event
+            finished = True
+        except ray.exceptions.RayTaskError as e:
+            raise _cause(e) from None
+        finally:
+            if not finished:
+                gen.cancel()
+
+
+def _cause(e: BaseException) -> BaseException:
+    """The exception the replica raised (APIError, HearthError ...), not Ray's wrapper of it."""
+    cause = getattr(e, "cause", None)
+    return cause if isinstance(cause, BaseException) else e
+
+
+@serve.deployment
 @serve.ingress()
 class Ingress:
     """The FastAPI app of app.py, its clients being the model deployments' handles."""
 
-    async def __init__(self, config: ServeConfig, chat: dict[str, Any], embeddings: dict[str, Any]):
+    async def __init__(self, config: ServeConfig, chat: dict[str, Any], embeddings: dict[str, Any], agents=None):
         from .app import build_app
 
         router = Router()
@@ -152,6 +214,8 @@ class Ingress:
         for name, handle in embeddings.items():
             await router.add_embedding(name, RemoteEmbedding(handle))
         self._hearth_app = build_app(config, router)
+        if agents is not None:
+            self._hearth_app.state.agents = RemoteAgents(agents)
 
     def __serve_build_asgi_app__(self):
         return self._hearth_app
@@ -192,10 +256,15 @@ def build(config: ServeConfig):
             ray_actor_options={"num_cpus": e.num_cpus, "num_gpus": e.num_gpus},
             max_ongoing_requests=256).bind(e)
         for e in config.embeddings}
+    agents = None
+    if config.agents.enabled and chat:
+        # agent loops mostly wait on the models; retrieval's embedding work is small next to decoding
+        agents = Agents.options(name="agents", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000,
+                                graceful_shutdown_timeout_s=config.drain_timeout_s).bind(config, chat)
     # the ingress never sheds load itself (max_queued_requests=-1): the engines answer 429
     return Ingress.options(name="ingress", ray_actor_options={"num_cpus": 0},
                            max_ongoing_requests=100_000, max_queued_requests=-1,
-                           graceful_shutdown_timeout_s=config.drain_timeout_s).bind(config, chat, embeddings)
+                           graceful_shutdown_timeout_s=config.drain_timeout_s).bind(config, chat, embeddings, agents)
 
 
 def _slug(name: str) -> str:

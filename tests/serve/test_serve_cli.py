@@ -87,7 +87,7 @@ WEATHER = {"type": "function", "function": {
 
 
 def test_ray_serve_end_to_end(tmp_path):
-    proc, url = _start(tmp_path, CONFIG)
+    proc, url = _start(tmp_path, CONFIG + f"agents:\n  rag_dir: {tmp_path / 'rag'}\n")
     try:
         _wait_healthy(proc, url, tmp_path)
         c = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=120)
@@ -115,6 +115,23 @@ def test_ray_serve_end_to_end(tmp_path):
         assert bad.status_code == 404 and bad.json()["error"]["code"] == "model_not_found"
         assert httpx.get(url + "/nothing").json()["error"]["code"] == "not_found"
         assert httpx.get(url + "/v1/models").status_code == 401
+        # the agents deployment: RAG through its handle, and a run that calls the model deployment
+        auth = {"Authorization": f"Bearer {KEY}"}
+        docs = {"documents": [{"source": "keeper.txt", "text": "The Varnholm lighthouse keeper is Ingrid Solberg."},
+                              {"source": "rhine.txt", "text": "The Rhine flows into the North Sea."}]}
+        r = httpx.post(url + "/v1/rag/indexes/notes/documents", json=docs, headers=auth, timeout=120)
+        assert r.status_code == 200 and sorted(r.json()["added"]) == ["keeper.txt", "rhine.txt"], r.text
+        hits = httpx.post(url + "/v1/rag/indexes/notes/query", json={"query": "Who keeps the lighthouse?"},
+                          headers=auth, timeout=60).json()["data"]
+        assert hits[0]["source"] == "keeper.txt"
+        missing = httpx.post(url + "/v1/rag/indexes/none/query", json={"query": "x"}, headers=auth, timeout=60)
+        assert missing.status_code == 404 and missing.json()["error"]["code"] == "index_not_found"
+        run = httpx.post(url + "/v1/agents/runs", headers=auth, timeout=180, json={
+            "input": "What is 6 * 7?", "strategy": "cot", "max_tokens": 32, "temperature": 0}).json()
+        assert run["object"] == "agent.run" and run["steps"] and run["usage"]["completion_tokens"] > 0, run
+        r = c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Who keeps the lighthouse?"}],
+                                      max_tokens=16, temperature=0, extra_body={"rag": {"index": "notes"}})
+        assert r.model_extra["citations"][0]["source"] == "keeper.txt"
     finally:
         assert _stop(proc) == 0
 
