@@ -3,11 +3,15 @@
     hearth models prepare | list
     hearth generate --prompt "Hello" [--model PATH] [--backend llamacpp|transformers]
     hearth chat [--model PATH]
+    hearth edge [MODEL.gguf] [--new]          # offline terminal chat, history kept (no torch, no server)
     hearth plan MODEL --device rtx3090 --context 4096 --concurrency 8 --quant int4
     hearth bench engine --json out.json
     hearth train sft --config training/recipes/sft_lora.yaml [--resume]
     hearth eval mc --model CKPT --data tests.jsonl
     hearth data self-instruct --seeds seeds.jsonl --teacher URL --model M --n N
+    hearth rag ingest docs/ --index notes && hearth rag query "question" --index notes
+    hearth agent run "What is 17*23?" --strategy react --tools calculator --url http://127.0.0.1:8000/v1
+    hearth demo [--url http://127.0.0.1:8000/v1] [--api-key K] [--port 7860]   # Gradio chat UI
 
 Each command group lives in its own module with `add_parser(subparsers)`; this file only dispatches.
 """
@@ -23,24 +27,26 @@ COMMANDS = {
     "models": "cmd_models",
     "generate": "cmd_generate",
     "chat": "cmd_generate",
+    "edge": "cmd_edge",
     "plan": "cmd_plan",
     "bench": "cmd_bench",
     "serve": "cmd_serve",
     "train": "cmd_train",
     "eval": "cmd_eval",
     "data": "cmd_data",
+    "rag": "cmd_rag",
+    "agent": "cmd_agent",
+    "demo": "cmd_demo",
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The parser of every command, or of `only` (one command is enough to run it, and keeps start-up lean)."""
     parser = argparse.ArgumentParser(prog="hearth", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    seen: set[str] = set()
-    for name, module in COMMANDS.items():
-        if module in seen:
-            continue
-        seen.add(module)
+    modules = [COMMANDS[only]] if only in COMMANDS else list(dict.fromkeys(COMMANDS.values()))
+    for module in modules:  # each module once, in order
         try:
             mod = importlib.import_module(f"hearth.clients.{module}")
         except ModuleNotFoundError as e:
@@ -54,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from hearth.runtime.errors import HearthError
 
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(argv[0] if argv and argv[0] in COMMANDS else None)
     # `key=value` overrides may follow the options (`hearth train sft --config r.yaml max_steps=5`)
     args, extra = parser.parse_known_args(argv)
     if extra:

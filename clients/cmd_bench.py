@@ -4,6 +4,8 @@
     hearth bench serve --json out.json [--mode both|no-ray|ray] [--concurrency 1,4,16,32] [--max-tokens 64]
     hearth bench quantize --json out.json --png out.png [--quick] [--only NAME ...]
     hearth bench train --json out.json [--steps 4] [--methods full,lora,qlora]
+    hearth bench edge --json out.json [--runs 3]
+    hearth bench agents --json out.json [--url URL --model NAME] [--limit N] [--strategies plain,cot,...]
 
 The benchmarks are not part of the installed package: they are loaded from `bench/<name>.py` in
 the source tree beside this package (a git checkout or an editable install). Each one defines
@@ -27,6 +29,9 @@ BENCHMARKS = {
     "quantize": ("quantize.py", "quality of the default model's int8 / GPTQ / GGUF artifacts against fp32: "
                                 "perplexity, KL, agreement, size"),
     "train": ("train.py", "SFT full vs LoRA vs QLoRA on the default model: training tokens/s and peak memory"),
+    "edge": ("edge.py", "`hearth edge` through a pseudo-terminal: start-to-first-token and peak RSS vs the targets"),
+    "agents": ("agents.py", "word-problem accuracy of plain / CoT / self-consistency / calculator tool, and "
+                            "tool-selection accuracy, per language"),
 }
 
 

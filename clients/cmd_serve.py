@@ -4,6 +4,7 @@
     hearth serve --config models.yaml --api-key sk-local --port 8080
     hearth serve --address ray://head:10001        # join an existing Ray cluster (multi-node)
     hearth serve --no-ray                          # one process, no Ray: development and tests
+    hearth serve --no-ray --demo                   # and the Gradio chat demo at http://127.0.0.1:8000/demo
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="allow browser calls from this origin (repeatable)")
     p.add_argument("--allow-no-auth", action="store_true",
                    help="allow serving without API keys on a non-loopback address")
+    p.add_argument("--demo", action="store_true",
+                   help="also serve the Gradio chat demo: at /demo with --no-ray, else on --demo-port")
+    p.add_argument("--demo-port", type=int, default=7860, help="the demo's port under Ray (default 7860)")
     p.set_defaults(func=run_serve)
 
 
@@ -52,10 +56,22 @@ def run_serve(args: argparse.Namespace) -> int:
         from hearth.serve.local import LocalServer
 
         server = LocalServer(cfg)
+        if args.demo:  # gradio is imported only here
+            from hearth.clients.demo import loopback_url, mount_demo
+
+            # with keys the page asks each user for theirs: it is open to whoever reaches the server
+            mount_demo(server.app, loopback_url(cfg.host, server.port), api_key=None)
+            print(f"hearth: chat demo on {server.url}/demo", flush=True)
         print(f"hearth: serving on {server.url}/v1 (no Ray); models are loading", flush=True)
         server.start_loading()
         server.serve()
         return 0
     from hearth.serve.ray_app import run as run_ray
+
+    if args.demo:  # under Ray the demo runs in this driver process, on its own port, beside the API
+        from hearth.clients.demo import launch_demo, loopback_url
+
+        launch_demo(loopback_url(cfg.host, cfg.port), None, host=cfg.host, port=args.demo_port, block=False)
+        print(f"hearth: chat demo on http://{cfg.host}:{args.demo_port}", flush=True)
 
     return run_ray(cfg, address=args.address)
