@@ -15,7 +15,7 @@ RUN pip install --no-cache-dir -c constraints.txt -e . \
 RUN mkdir -p /models && chown hearth:hearth /models
 USER hearth
 VOLUME ["/models"]
-EXPOSE 8000
+EXPOSE 8000 7860
 HEALTHCHECK --interval=30s --timeout=5s --start-period=120s \
     CMD curl -fsS http://127.0.0.1:8000/health || exit 1
 CMD ["sh", "-c", "hearth models prepare && hearth serve --host 0.0.0.0 --port 8000"]
@@ -41,7 +41,7 @@ WORKDIR /app
 RUN mkdir -p /models && chown hearth:hearth /models
 USER hearth
 VOLUME ["/models"]
-EXPOSE 8000
+EXPOSE 8000 7860
 HEALTHCHECK --interval=30s --timeout=5s --start-period=180s \
     CMD curl -fsS http://127.0.0.1:8000/health || exit 1
 CMD ["sh", "-c", "hearth models prepare && hearth serve --host 0.0.0.0 --port 8000"]

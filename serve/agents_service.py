@@ -60,7 +60,7 @@ class AgentService:
             return self.cfg.model
         if not self.router.chat:
             raise invalid("this server has no chat model for agents", "model")
-        return sorted(self.router.chat)[0] if len(self.router.chat) > 1 else next(iter(self.router.chat))
+        return next(iter(self.router.chat))  # the first configured model
 
     # ---- RAG ------------------------------------------------------------------------------------
 
