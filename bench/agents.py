@@ -41,6 +41,10 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 STRATEGIES = ("plain", "cot", "self_consistency", "tools")  # names run_strategy knows
+# not a strategy of run_strategy: the tool loop with its first call forced to a tool (tool_choice "required",
+# grammar-constrained), which shows what the calculator adds once the model is made to use it
+FORCED = "tools_forced"
+ALL_STRATEGIES = STRATEGIES + (FORCED,)
 LANGS = ("en", "zh")
 _T0 = time.perf_counter()
 
@@ -67,9 +71,9 @@ class Settings:
     tool_selection: bool = True
 
     def __post_init__(self) -> None:
-        bad = [s for s in self.strategies if s not in STRATEGIES]
+        bad = [s for s in self.strategies if s not in ALL_STRATEGIES]
         if bad:
-            raise ValueError(f"unknown strategies {bad}; choose from {', '.join(STRATEGIES)}")
+            raise ValueError(f"unknown strategies {bad}; choose from {', '.join(ALL_STRATEGIES)}")
         if self.n < 1 or self.max_tokens < 8 or self.select_max_tokens < 8:
             raise ValueError("--n must be >= 1 and the max-token limits >= 8")
         if self.limit is not None and self.limit < 1:
@@ -112,12 +116,19 @@ async def solve(model, problem, strategy: str, s: Settings, calculator) -> dict[
     options = StrategyOptions(temperature=s.sc_temperature if sampled else 0.0, max_tokens=s.max_tokens,
                               seed=s.seed if sampled else None, n=s.n, answer_type="number")
     # the strategy's own number of model calls; more time, since items queue behind each other
-    budget = Budget(max_steps=default_budget(strategy, options).max_steps, time_s=s.item_timeout_s)
+    budget = Budget(max_steps=default_budget("tools" if strategy == FORCED else strategy, options).max_steps,
+                    time_s=s.item_timeout_s)
     t = time.perf_counter()
     try:
-        result = await run_strategy(strategy, model, problem.question,
-                                    tools=calculator if strategy == "tools" else None, budget=budget,
-                                    options=options)
+        if strategy == FORCED:
+            from hearth.agents.loop import run_tool_agent
+            result = await run_tool_agent(model, [{"role": "user", "content": problem.question}], calculator,
+                                          budget=budget, tool_choice="required",
+                                          sampling={"temperature": 0.0, "max_tokens": s.max_tokens})
+        else:
+            result = await run_strategy(strategy, model, problem.question,
+                                        tools=calculator if strategy == "tools" else None, budget=budget,
+                                        options=options)
     except Exception as e:  # an item that breaks is recorded as wrong; the others still run
         row.update(prediction=None, correct=False, answer=None, stopped="error", error=f"{type(e).__name__}: {e}",
                    seconds=round(time.perf_counter() - t, 3), usage={}, tool_calls=[])
@@ -230,7 +241,7 @@ async def evaluate(model, problems: Sequence, prompts: Sequence, s: Settings, *,
 
     say = progress or (lambda m: None)
     done = on_item or (lambda: None)
-    if calculator is None and "tools" in s.strategies:
+    if calculator is None and ("tools" in s.strategies or FORCED in s.strategies):
         calculator = default_registry(plugins=False).subset(["calculator"])
     out: dict[str, Any] = {"word_problems": {"items": [], "wall_s": {}}}
     for strat in s.strategies:
@@ -365,7 +376,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                                       "file or HF checkpoint directory) instead of the default")
     p.add_argument("--threads", type=int, default=2, help="llama.cpp threads of the in-process server (default 2)")
     p.add_argument("--strategies", default=",".join(STRATEGIES),
-                   help=f"comma-separated subset of {','.join(STRATEGIES)} (default all)")
+                   help=f"comma-separated subset of {','.join(ALL_STRATEGIES)} (default {','.join(STRATEGIES)})")
     p.add_argument("--n", type=int, default=5, help="self-consistency paths (default 5)")
     p.add_argument("--limit", type=int, default=None, help="at most this many items per set (quick runs)")
     p.add_argument("--max-tokens", type=int, default=256, help="tokens per model call on word problems (default 256)")
