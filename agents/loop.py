@@ -17,7 +17,8 @@ Budgets: `max_steps` counts model calls; `time_s` bounds the whole run, the mode
 included. When either runs out the run stops with stopped="max_steps" / "time_budget" and
 answer = the last text the model wrote alongside its tool calls, or None if it wrote none.
 A forced tool_choice ("required" or a named function) applies to the first model call only, after
-which it falls back to "auto" so the model can answer. A ChatModel failure (AgentError) ends the run
+which it falls back to "auto" so the model can answer; the last call the step budget allows is made
+with "none" (final_answer=True), so the run ends with an answer from the tool results it has. A ChatModel failure (AgentError) ends the run
 with stopped="error" and an "error" step; cancellation propagates and stops any running tools.
 The conversation, tool messages included, is in result.extra["messages"].
 """
@@ -80,12 +81,14 @@ async def _run_calls(registry: ToolRegistry, calls: list[ToolCall], parallel: bo
 async def run_tool_agent(model: ChatModel, messages: list[dict[str, Any]], registry: ToolRegistry, *,
                          budget: Budget | None = None, trace: Trace | None = None,
                          tool_choice: str | dict[str, Any] = "auto", parallel: bool = True,
-                         sampling: dict[str, Any] | None = None) -> AgentResult:
+                         sampling: dict[str, Any] | None = None, final_answer: bool = True) -> AgentResult:
     """Run the tool loop until the model answers without tool calls or a budget runs out.
 
     `budget` makes the Trace when `trace` is None; a given trace carries its own budget (passing both
     is allowed only when `budget is trace.budget`). `sampling` holds temperature / top_p / max_tokens /
-    seed / stop for every model call. The caller's `messages` list is not changed.
+    seed / stop for every model call. The caller's `messages` list is not changed. With `final_answer`,
+    the last model call the step budget allows, after tools have run, is made with tool_choice "none",
+    so a model that would keep calling tools has to answer from the results it has.
     """
     if trace is None:
         trace = Trace(budget)
@@ -107,9 +110,11 @@ async def run_tool_agent(model: ChatModel, messages: list[dict[str, Any]], regis
         reason = trace.out_of_budget()
         if reason:
             return stop(reason)
+        last_call = trace.model_calls == trace.budget.max_steps - 1 and trace.model_calls > 0
+        call_choice = "none" if final_answer and tools and last_call and choice == "auto" else choice
         try:
             async with asyncio.timeout(trace.time_left()):
-                replies = await model.chat(convo, tools=tools, tool_choice=choice, n=1, **sampling)
+                replies = await model.chat(convo, tools=tools, tool_choice=call_choice, n=1, **sampling)
         except TimeoutError:
             return stop("time_budget")
         except AgentError as e:

@@ -201,3 +201,20 @@ async def test_listeners_see_every_step_and_no_tools_means_no_tools_field():
     assert model.calls[0]["tools"] is None and model.calls[0]["tool_choice"] is None
     assert json.loads(json.dumps(result.to_dict()))["answer"] == "Hello!"
 
+
+
+async def test_last_call_of_the_budget_asks_for_an_answer_not_another_tool():
+    def answer_unless_tools(messages, kwargs):  # a model that calls the tool whenever it is allowed to
+        if kwargs["tool_choice"] == "none":
+            return "12 + 7 = 19."
+        return calls((f"c{len(messages)}", "calculator", '{"expression": "12 + 7"}'))
+
+    model = ScriptedChatModel([answer_unless_tools] * 3)
+    registry = default_registry(plugins=False)
+    result = await run_tool_agent(model, USER, registry, budget=Budget(max_steps=3, time_s=30))
+    assert [c["tool_choice"] for c in model.calls] == ["auto", "auto", "none"]
+    assert result.stopped == "answer" and result.answer == "12 + 7 = 19."
+    # without it, the same model runs out of steps with no answer
+    model = ScriptedChatModel([answer_unless_tools] * 3)
+    result = await run_tool_agent(model, USER, registry, budget=Budget(max_steps=3, time_s=30), final_answer=False)
+    assert result.stopped == "max_steps" and result.answer is None
