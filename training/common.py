@@ -31,10 +31,9 @@ import yaml
 
 from hearth.runtime.checkpoint import Manifest, Parent, content_hash, write_manifest
 from hearth.runtime.errors import HearthError
-from hearth.runtime.fileio import atomic_write_text  # noqa: F401  (re-exported for the stages)
+from hearth.runtime.fileio import TMP_MARK, atomic_write_text  # noqa: F401  (re-exported for the stages)
 
 T = TypeVar("T")
-TMP_MARK = ".tmp-"
 STATE_FILE = "training_state.json"
 
 
@@ -136,6 +135,26 @@ def config_from_dict(cls: type[T], data: dict[str, Any], where: str = "config") 
         if isinstance(e, TrainingConfigError):
             raise
         raise TrainingConfigError(f"{where}: {e}") from None
+
+
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent  # holds training/data/... in the source tree and installed
+
+
+def bundled_path(path: str | os.PathLike) -> Path:
+    """A data path as given (relative to the working dir), else the same path under the installed package,
+    so the bundled recipes' `training/data/...` run from anywhere. Unchanged when neither exists."""
+    p = Path(path).expanduser()
+    if p.exists() or p.is_absolute():
+        return p
+    return PACKAGE_ROOT / p if (PACKAGE_ROOT / p).exists() else p
+
+
+def find_file(path: str, field_name: str) -> Path:
+    """bundled_path, which must exist; the error names the config field."""
+    p = bundled_path(path)
+    if not p.exists():
+        raise TrainingConfigError(f"{field_name}: no file at {path}")
+    return p
 
 
 def load_config(cls: type[T], path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> T:

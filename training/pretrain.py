@@ -25,11 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from hearth.training.common import (MetricsLog, RunDir, TrainingConfigError, config_to_dict, peak_memory_mb,
+from hearth.training.common import (MetricsLog, RunDir, TrainingConfigError, config_to_dict, find_file, peak_memory_mb,
                                     pick_precision, plot_metrics, publish, say, stage_manifest)
 from hearth.training.data import load_texts, split_eval
 
-PACKAGE_ROOT = Path(__file__).resolve().parent.parent  # holds training/data/... in the source tree and installed
 TRAINER_STATE = "trainer_state.pt"
 
 
@@ -213,15 +212,6 @@ def eval_blocks(docs: list[list[int]], eos_id: int, block_size: int, limit: int)
 # ----------------------------------------------------------------------------- model, optimizer, state
 
 
-def _find_file(path: str, field_name: str) -> Path:
-    p = Path(path).expanduser()
-    if p.exists():
-        return p
-    if not p.is_absolute() and (PACKAGE_ROOT / p).exists():
-        return PACKAGE_ROOT / p
-    raise TrainingConfigError(f"{field_name}: no file at {path}")
-
-
 def _checkpoint_dir(name_or_path: str, field_name: str) -> Path:
     from hearth.runtime.errors import HearthError
     from hearth.runtime.registry import resolve_model
@@ -351,7 +341,7 @@ def run(config: Config, resume: bool = False) -> Path:
     n_params = sum(p.numel() for p in model.parameters())
 
     # data: held-out documents per source, the rest packed; the whole block schedule from the seed
-    files = [_find_file(s.path, f"sources[{i}].path") for i, s in enumerate(cfg.sources)]
+    files = [find_file(s.path, f"sources[{i}].path") for i, s in enumerate(cfg.sources)]
     sources, held_out = [], {}
     for src, f in zip(cfg.sources, files):
         docs = load_texts(f)

@@ -32,7 +32,7 @@ from hearth.runtime.chat_template import DEFAULT_CHATML_TEMPLATE
 from hearth.runtime.registry import DEFAULT_MODEL, resolve_model
 
 from .common import (MetricsLog, RunDir, TrainingConfigError, config_to_dict, peak_memory_mb, pick_precision,
-                     reset_peak_rss, training_peak_mb,
+                     bundled_path, reset_peak_rss, training_peak_mb,
                      plot_metrics, publish, say, stage_manifest)
 from .data import ChatCollator, epoch_order, load_chat_files, render_chats, split_eval
 
@@ -112,15 +112,6 @@ class Config:
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def _data_path(p: str) -> Path:
-    """A data file as given, else the bundled copy (recipes name training/data/... from the repo root)."""
-    path = Path(p).expanduser()
-    if path.exists() or path.is_absolute():
-        return path
-    bundled = Path(__file__).resolve().parent / Path(*Path(p).parts[1:]) if Path(p).parts[0] == "training" else None
-    return bundled if bundled is not None and bundled.exists() else path
 
 
 def _dtype(precision: str):
@@ -312,7 +303,7 @@ def run(config: Config, resume: bool = False) -> Path:
 
     cfg = config
     base = resolve_model(cfg.model, prefer="hf")
-    data_files = [_data_path(p) for p in cfg.data]
+    data_files = [bundled_path(p) for p in cfg.data]
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if cfg.deepspeed and not device.startswith("cuda"):
         raise TrainingConfigError(f"deepspeed: {cfg.deepspeed} needs CUDA GPUs and none is available; "

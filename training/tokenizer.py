@@ -28,11 +28,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from hearth.training.common import (TMP_MARK, MetricsLog, RunDir, TrainingConfigError, config_to_dict, peak_memory_mb,
-                                    publish, say, stage_manifest)
+from hearth.training.common import (TMP_MARK, MetricsLog, RunDir, TrainingConfigError, config_to_dict, find_file,
+                                    peak_memory_mb, publish, say, stage_manifest)
 from hearth.training.data import load_texts
 
-PACKAGE_ROOT = Path(__file__).resolve().parent.parent  # holds training/data/... in the source tree and installed
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
@@ -90,17 +89,6 @@ class Config:
                 tok = getattr(self, name)
                 if tok is not None and tok not in self.special_tokens:
                     raise ValueError(f"{name} {tok!r} must be one of special_tokens {self.special_tokens}")
-
-
-def find_file(path: str, field_name: str) -> Path:
-    """A data path as given (relative to the working dir), else relative to the installed package, so the
-    bundled recipes run from anywhere."""
-    p = Path(path).expanduser()
-    if p.exists():
-        return p
-    if not p.is_absolute() and (PACKAGE_ROOT / p).exists():
-        return PACKAGE_ROOT / p
-    raise TrainingConfigError(f"{field_name}: no file at {path}")
 
 
 def resolve_checkpoint(name_or_path: str, field_name: str = "model") -> Path:
