@@ -7,8 +7,6 @@ bundled default model and embeddings; tests that need a different config build t
 
 from __future__ import annotations
 
-import threading
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator
@@ -46,30 +44,13 @@ class Served:
 
 
 @contextmanager
-def start_server(config, wait_ready: bool = True, timeout_s: float = 300) -> Iterator[Served]:
-    from hearth.serve.local import LocalServer
+def start_server(config, timeout_s: float = 300) -> Iterator[Served]:
+    """The server in this process (serve.local.in_background), its models loaded."""
+    from hearth.serve.local import in_background
 
-    srv = LocalServer(config)
-    srv.start_loading()
-    t = threading.Thread(target=srv.server.run, kwargs={"sockets": [srv.sock]}, daemon=True)
-    t.start()
-    try:
-        end = time.monotonic() + timeout_s
-        while not srv.server.started and time.monotonic() < end:
-            time.sleep(0.02)
-        if wait_ready:
-            while time.monotonic() < end:
-                if srv.app.state.router is not None or srv.app.state.load_error:
-                    break
-                time.sleep(0.05)
-            assert srv.app.state.load_error is None, srv.app.state.load_error
-            assert srv.app.state.router is not None, "models did not load in time"
+    with in_background(config, timeout_s=timeout_s) as srv:
         key = config.api_keys[0] if config.api_keys else "unused"
         yield Served(srv.url, srv.url + "/v1", key, srv)
-    finally:
-        srv.server.should_exit = True
-        t.join(timeout=30)
-        srv.close()
 
 
 def default_config(**model_kw):
