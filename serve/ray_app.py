@@ -343,15 +343,17 @@ def _slug(name: str) -> str:
 
 
 def _local_ray_env() -> dict[str, str]:
-    """Settings for the Ray that `hearth serve` starts itself (bench/RESULTS.md, "Serving under Ray").
+    """Settings for the Ray that `hearth serve` starts itself (bench/RESULTS.md, "One hop, HAProxy in
+    front, Ray's background work trimmed").
 
     - HAProxy in front (shipped with ray[serve] on Linux) instead of Ray's Python proxy, with direct
       ingress: the ingress replica answers HTTP itself, so no Ray hop carries the streamed tokens
       when the app runs in the model's replica (ServedModel). Its files go in a folder of this
-      server's own, and its metrics exporter (a fixed port) is off: /metrics is the app's.
+      server's own, its stats page and exporter on free ports, and its metrics collection is off:
+      /metrics is the app's.
     - Ray's own background work cut down: the Serve controller's loop every 0.5 s instead of 0.1 s,
-      Serve's metrics cache flushed every second, Ray's own metrics collection off. Idle, these take
-      Ray's processes from ~15% of a core to ~8%, which a 2-core machine gives back to the engine.
+      Serve's metrics cache flushed every second, Ray's own metrics collection off. Idle, these took
+      Ray's processes from ~15% of a core to 8-12%, which a 2-core machine gives back to the engine.
     A variable already set in the environment wins."""
     env = {
         "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5",
@@ -407,8 +409,7 @@ def init_ray(config: ServeConfig, address: str | None = None) -> None:
         ray.init(address=address, logging_level=logging.WARNING)
         return
     env = _local_ray_env()
-    _haproxy_dir = os.path.dirname(env["RAY_SERVE_HAPROXY_SOCKET_PATH"]) if "RAY_SERVE_HAPROXY_SOCKET_PATH" in env \
-        else None
+    _haproxy_dir = env.get("RAY_SERVE_HAPROXY_SERVER_STATE_BASE")  # HAProxy's folder, when it is used
     os.environ.update(env)  # the processes Ray starts inherit this environment
     need = sum(m.num_cpus * m.replicas for m in config.models) + sum(e.num_cpus for e in config.embeddings)
     ray.init(num_cpus=max(os.cpu_count() or 1, int(need + 0.999)), include_dashboard=False,
