@@ -20,6 +20,7 @@ proxy; `_local_ray_env` says what else it sets and why.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import signal
@@ -34,6 +35,7 @@ from ray.serve.config import HTTPOptions
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
 from .config import EmbeddingConfig, ModelConfig, ServeConfig
+from .errors import RETRY_AFTER_S, unavailable
 from .router import EmbeddingInfo, Router
 
 log = logging.getLogger("hearth.serve")
@@ -349,8 +351,9 @@ def _local_ray_env() -> dict[str, str]:
     - HAProxy in front (shipped with ray[serve] on Linux) instead of Ray's Python proxy, with direct
       ingress: the ingress replica answers HTTP itself, so no Ray hop carries the streamed tokens
       when the app runs in the model's replica (ServedModel). Its files go in a folder of this
-      server's own, its stats page and exporter on free ports, and its metrics collection is off:
-      /metrics is the app's.
+      server's own, its stats page, exporter and fallback Python proxy on free ports, and its metrics
+      collection is off: /metrics is the app's. Ray starts it through `_haproxy_wrapper` (no kernel
+      splicing, OpenAI-shaped answers of its own).
     - Ray's own background work cut down: the Serve controller's loop every 0.5 s instead of 0.1 s,
       Serve's metrics cache flushed every second, Ray's own metrics collection off. Idle, these took
       Ray's processes from ~15% of a core to 8-12%, which a 2-core machine gives back to the engine.
@@ -365,6 +368,8 @@ def _local_ray_env() -> dict[str, str]:
 
         d = tempfile.mkdtemp(prefix="hearth-haproxy-")
         env.update({
+            # no kernel splicing, and OpenAI-shaped answers of HAProxy's own (_haproxy_wrapper)
+            "RAY_SERVE_HAPROXY_BINARY_PATH": _haproxy_wrapper(d, _haproxy_binary()),
             "RAY_SERVE_ENABLE_HA_PROXY": "1",
             # a stopping replica waits this long for the load balancer to drop it (Ray's default 30 s
             # is for remote load balancers; HAProxy here is told at once)
@@ -379,6 +384,8 @@ def _local_ray_env() -> dict[str, str]:
             # that two servers on one machine do not collide
             "RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port()),
             "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port()),
+            # the Python proxy HAProxy falls back on while no replica is up (Ray's default: 8500)
+            "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(_free_port()),
         })
     return {k: v for k, v in env.items() if k not in os.environ}
 
@@ -389,6 +396,49 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("", 0))
         return s.getsockname()[1]
+
+
+def _haproxy_wrapper(folder: str, binary: str) -> str:
+    """An executable in `folder` that Ray starts in place of HAProxy's binary. Before it runs `binary`:
+    - kernel splicing off (-dS): with it, HAProxy noticed a client that hung up mid-stream only
+      seconds later, and the abandoned streams kept decoding;
+    - HAProxy's own answers in OpenAI's envelope: Ray's template answers a request before the app is
+      deployed with a plain-text 404 and normalizes 502/503/504 (no replica up) to a plain-text 500.
+      Both become a 503 with Retry-After; the config Ray wrote and its error file are edited where
+      they are, so an HAProxy (re)started by Ray always reads them. A template that no longer has
+      these lines is left as it is."""
+    import shlex
+
+    def page(message: str) -> bytes:
+        return json.dumps(unavailable(message).body()).encode()
+
+    starting = os.path.join(folder, "starting.json")
+    with open(starting, "wb") as f:
+        f.write(page("The server is starting: no model is ready yet."))
+    body = page("No replica of the model is ready (starting, restarting or stopping); retry shortly.")
+    error_file = os.path.join(folder, "unavailable.http")
+    with open(error_file, "wb") as f:
+        f.write(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                b"Retry-After: %d\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
+                % (RETRY_AFTER_S, len(body), body))
+    not_found = 'http-request return status 404 content-type text/plain lf-string "Path .*'
+    answer = f"http-request return status 503 content-type application/json file {starting} " \
+             f"hdr Retry-After {RETRY_AFTER_S}"
+    script = f"""#!/bin/sh
+# written by hearth serve (serve/ray_app.py, _haproxy_wrapper)
+cfg=""; prev=""
+for a in "$@"; do [ "$prev" = "-f" ] && cfg="$a"; prev="$a"; done
+if [ -n "$cfg" ] && [ -f "$cfg" ]; then
+    cp {shlex.quote(error_file)} "$(dirname "$cfg")/500.http"
+    sed -i {shlex.quote(f"s|{not_found}|{answer}|")} "$cfg"
+fi
+exec {shlex.quote(binary)} -dS "$@"
+"""
+    path = os.path.join(folder, "haproxy")
+    with open(path, "w") as f:
+        f.write(script)
+    os.chmod(path, 0o755)
+    return path
 
 
 def _haproxy_binary() -> str | None:

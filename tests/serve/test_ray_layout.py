@@ -52,3 +52,61 @@ def test_a_setting_in_the_environment_wins(monkeypatch):
     assert "RAY_SERVE_CONTROL_LOOP_INTERVAL_S" not in env and "RAY_SERVE_ENABLE_HA_PROXY" not in env
     assert not any(k.startswith("RAY_SERVE_HAPROXY_") for k in env)  # Ray's Python proxy: no HAProxy files
     assert env["RAY_SERVE_METRICS_EXPORT_INTERVAL_MS"] == "1000"
+
+
+@pytest.mark.skipif(ray_app._haproxy_binary() is None, reason="ray[serve] ships no HAProxy on this platform")
+def test_haproxy_answers_in_openai_envelope(tmp_path):
+    """HAProxy as `hearth serve` starts it: Ray's plain-text answers of its own (no app deployed yet,
+    no replica up) come back as OpenAI-shaped 503s with Retry-After."""
+    import subprocess
+    import time
+
+    import httpx
+    from ray.serve._private.haproxy_templates import HAPROXY_CONFIG_TEMPLATE
+
+    # the two lines of Ray's template the wrapper rewrites are still there
+    assert 'http-request return status 404 content-type text/plain lf-string "Path' in HAPROXY_CONFIG_TEMPLATE
+    assert "errorfile 503 {{ config.error_file_path }}" in HAPROXY_CONFIG_TEMPLATE
+
+    wrapper = ray_app._haproxy_wrapper(str(tmp_path), ray_app._haproxy_binary())
+    node = tmp_path / "node"  # Ray writes the config and its 500 page into a folder of its own
+    node.mkdir()
+    (node / "500.http").write_text("HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\n\r\n")
+    port, dead = ray_app._free_port(), ray_app._free_port()
+    (node / "haproxy.cfg").write_text(f"""global
+    maxconn 64
+defaults
+    mode http
+    timeout connect 1s
+    timeout client 10s
+    timeout server 10s
+    errorfile 503 {node}/500.http
+frontend f
+    bind 127.0.0.1:{port}
+    use_backend replicas if {{ path_beg /v1 }}
+    default_backend default_backend
+backend default_backend
+    http-request return status 404 content-type text/plain lf-string "Path '%[path]' not found. Ping http://.../-/routes for available routes."
+backend replicas
+    server r 127.0.0.1:{dead}
+""")
+    proc = subprocess.Popen([wrapper, "-db", "-f", str(node / "haproxy.cfg")], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+    try:
+        end = time.monotonic() + 10
+        while True:
+            try:
+                before = httpx.get(f"http://127.0.0.1:{port}/health", timeout=5)
+                break
+            except httpx.ConnectError:
+                assert proc.poll() is None and time.monotonic() < end, proc.stdout.read().decode()
+                time.sleep(0.05)
+        down = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=5)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    for r in (before, down):
+        assert r.status_code == 503 and r.headers["retry-after"] == "1", r.text
+        assert r.json()["error"]["code"] == "service_unavailable", r.text
+    assert "starting" in before.json()["error"]["message"]
+    assert "-dS" in open(wrapper).read()
