@@ -2,6 +2,7 @@
 
     hearth bench engine --json out.json [--threads 2] [--quick] [--backends llamacpp,transformers]
     hearth bench serve --json out.json [--mode both|no-ray|ray] [--concurrency 1,4,16,32] [--max-tokens 64]
+    hearth bench hangups --json out.json [--variants no-ray,ray,ray-splice,ray-python-proxy] [--streams 1,20]
     hearth bench quantize --json out.json --png out.png [--quick] [--only NAME ...]
     hearth bench train --json out.json [--steps 4] [--methods full,lora,qlora]
     hearth bench edge --json out.json [--runs 3]
@@ -26,6 +27,8 @@ BENCHMARKS = {
                             "memory bandwidth"),
     "serve": ("serve.py", "the OpenAI HTTP server (no-ray and Ray Serve) vs the in-process engine: tok/s, TTFT, "
                           "inter-token latency per concurrency level"),
+    "hangups": ("hangups.py", "clients that leave mid-stream: how soon the server stops decoding for them, "
+                              "per proxy layout"),
     "quantize": ("quantize.py", "quality of the default model's int8 / GPTQ / GGUF artifacts against fp32: "
                                 "perplexity, KL, agreement, size"),
     "train": ("train.py", "SFT full vs LoRA vs QLoRA on the default model: training tokens/s and peak memory"),
