@@ -7,8 +7,9 @@
 The environment mirrors transformers' `apply_chat_template` (trim_blocks, lstrip_blocks,
 loopcontrols, a non-ASCII-keeping `tojson`, `raise_exception`, `strftime_now`, the
 `{% generation %}` tag) so the same template gives the same text. Templates ship with model
-checkpoints, so they are untrusted code: they run in jinja2's ImmutableSandboxedEnvironment, and
-an attempt to reach Python internals raises UnsafeCheckpointError instead of running.
+checkpoints, so they are untrusted code: they run in jinja2's ImmutableSandboxedEnvironment with
+output, memory and time caps (template_sandbox.py; `template_sandbox.LIMITS` sets them), and an
+attempt to reach Python internals or to go past a cap raises UnsafeCheckpointError instead of running.
 """
 
 from __future__ import annotations
@@ -21,9 +22,12 @@ from typing import Any, NoReturn
 from jinja2 import nodes
 from jinja2.exceptions import SecurityError, TemplateError, TemplateSyntaxError
 from jinja2.ext import Extension, loopcontrols
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from . import template_sandbox
 from .errors import HearthError, InvalidRequestError, ModelLoadError, UnsafeCheckpointError
+from .template_sandbox import BoundedSandbox, bound_template, input_chars, render_budget
+
+_MAX_STRFTIME_CHARS = 256
 
 # ChatML, for models whose tokenizer has no template. Tools follow the Hermes/Qwen convention
 # (<tools> in the system turn, <tool_call> JSON in assistant turns) that most tool parsers know.
@@ -62,11 +66,6 @@ DEFAULT_CHATML_TEMPLATE = """\
 {%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}
 """
 
-# Bounds on what one template expression may build; real chat templates stay far below them.
-_MAX_SEQUENCE_PRODUCT = 1_000_000
-_MAX_EXPONENT = 10_000
-
-
 class _GenerationTag(Extension):
     """`{% generation %}...{% endgeneration %}` marks assistant text for training masks; rendering ignores it."""
 
@@ -77,33 +76,15 @@ class _GenerationTag(Extension):
         return parser.parse_statements(("name:endgeneration",), drop_needle=True)
 
 
-class _ChatTemplateSandbox(ImmutableSandboxedEnvironment):
-    """The immutable sandbox, plus limits on `*` and `**` so a template cannot exhaust memory."""
-
-    intercepted_binops = frozenset(["*", "**"])
-
-    def unsafe_undefined(self, obj: Any, attribute: Any) -> Any:
-        # Jinja would return a silent Undefined for some of these (`{{ f.__globals__ }}` prints "");
-        # an attempt on Python internals should stop the render instead.
-        raise SecurityError(f"access to attribute {attribute!r} of {type(obj).__name__!r} object is unsafe")
-
-    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
-        if operator == "*":
-            for seq, count in ((left, right), (right, left)):
-                if isinstance(seq, (str, list, tuple)) and isinstance(count, int) \
-                        and len(seq) * count > _MAX_SEQUENCE_PRODUCT:
-                    raise SecurityError("the template builds a sequence that is too long")
-        elif operator == "**" and isinstance(right, (int, float)) and abs(right) > _MAX_EXPONENT:
-            raise SecurityError("the template computes a power that is too large")
-        return super().call_binop(context, operator, left, right)
-
-
 def _raise_exception(message: str) -> NoReturn:
     # Templates call this to reject a conversation (e.g. roles that do not alternate): the request's fault.
     raise InvalidRequestError(f"chat template: {message}", param="messages")
 
 
 def _strftime_now(fmt: str) -> str:
+    if not isinstance(fmt, str) or len(fmt) > _MAX_STRFTIME_CHARS:  # each %c writes ~24 characters
+        raise UnsafeCheckpointError(f"the chat template is unsafe and was stopped: strftime_now takes a format "
+                                    f"of at most {_MAX_STRFTIME_CHARS} characters")
     return datetime.now().strftime(fmt)
 
 
@@ -115,10 +96,10 @@ def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None,
 
 
 @functools.lru_cache(maxsize=1)
-def _environment() -> _ChatTemplateSandbox:
-    env = _ChatTemplateSandbox(trim_blocks=True, lstrip_blocks=True,
-                               extensions=[_GenerationTag, loopcontrols])
+def _environment() -> BoundedSandbox:
+    env = BoundedSandbox(trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, loopcontrols])
     env.filters["tojson"] = _tojson
+    env.bound_filters()
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
     return env
@@ -127,10 +108,17 @@ def _environment() -> _ChatTemplateSandbox:
 @functools.lru_cache(maxsize=64)
 def _compile(template: str) -> Any:
     """Compile each distinct template once; a server renders the same one for every request."""
+    limits = template_sandbox.LIMITS
+    if len(template) > limits.template_chars:
+        raise UnsafeCheckpointError(f"the chat template is {len(template):,} characters, more than the limit "
+                                    f"of {limits.template_chars:,}")
+    env = _environment()
     try:
-        return _environment().from_string(template)
+        return env.from_string(bound_template(env.parse(template)))
     except TemplateSyntaxError as e:
         raise ModelLoadError(f"the chat template does not parse (line {e.lineno}): {e.message}") from e
+    except RecursionError as e:
+        raise UnsafeCheckpointError("the chat template is nested too deeply to compile") from e
 
 
 def render_chat_template(template: str, messages: list[dict], tools: list[dict] | None = None,
@@ -141,12 +129,21 @@ def render_chat_template(template: str, messages: list[dict], tools: list[dict] 
         raise ModelLoadError("the chat template is empty; use DEFAULT_CHATML_TEMPLATE for models without one")
     compiled = _compile(template)
     try:
-        return compiled.render(messages=messages, tools=tools or None,
-                               add_generation_prompt=add_generation_prompt, **extra)
+        with render_budget(template_sandbox.LIMITS, input_chars(messages, tools, extra)) as budget:
+            pieces = []
+            for piece in compiled.generate(messages=messages, tools=tools or None,
+                                           add_generation_prompt=add_generation_prompt, **extra):
+                budget.output(piece)
+                pieces.append(piece)
+            return "".join(pieces)
     except HearthError:
         raise
     except SecurityError as e:
         raise UnsafeCheckpointError(f"the chat template tried an unsafe operation and was stopped: {e}") from e
+    except RecursionError as e:  # a macro that calls itself without end
+        raise UnsafeCheckpointError("the chat template is unsafe and was stopped: it recursed too deeply") from e
+    except (OverflowError, MemoryError) as e:
+        raise UnsafeCheckpointError(f"the chat template is unsafe and was stopped: {type(e).__name__}: {e}") from e
     except TemplateError as e:
         raise InvalidRequestError(f"the chat template failed on these messages: {e}", param="messages") from e
     except (TypeError, ValueError, KeyError, IndexError, AttributeError) as e:

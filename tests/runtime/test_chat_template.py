@@ -1,14 +1,17 @@
-"""Chat templates: parity with transformers on SmolLM2's own template, the ChatML default, the sandbox."""
+"""Chat templates: parity with transformers on SmolLM2's own template, the ChatML default, the sandbox
+and its output, memory and time caps."""
 
 from __future__ import annotations
 
 import importlib.metadata
 import json
+import time
+import tracemalloc
 from datetime import datetime
 
 import pytest
 
-from hearth.runtime import chat_template
+from hearth.runtime import chat_template, template_sandbox
 from hearth.runtime.chat_template import DEFAULT_CHATML_TEMPLATE, render_chat_template
 from hearth.runtime.errors import InvalidRequestError, ModelLoadError, UnsafeCheckpointError
 
@@ -146,3 +149,130 @@ def test_each_template_compiled_once():
     assert render_chat_template(template, MESSAGES[:1], add_generation_prompt=False) == "1-False"
     after = chat_template._compile.cache_info()
     assert after.hits == before.hits + 1 and after.misses == before.misses
+
+
+# ---- resource bombs: every route that builds a huge value is stopped before it allocates -------------
+BIG = "{% set x = 'a' * 999999 %}"
+BOMBS = {
+    "the issue's output loop": BIG + "{% for i in range(2000) %}{{ x }}{% endfor %}",
+    "~ doubling in a namespace": "{% set ns = namespace(x='a' * 999999) %}"
+                                 "{% for i in range(40) %}{% set ns.x = ns.x ~ ns.x %}{% endfor %}",
+    "+ doubling in a namespace": "{% set ns = namespace(x='a' * 999999) %}"
+                                 "{% for i in range(40) %}{% set ns.x = ns.x + ns.x %}{% endfor %}",
+    "a list of distinct big strings": BIG + "{% set ns = namespace(l=[]) %}"
+                                      "{% for i in range(100000) %}{% set ns.l = ns.l + [x ~ i] %}{% endfor %}",
+    "join filter": BIG + "{{ ([x] * 100000) | join }}",
+    "str.join": BIG + "{{ ''.join([x] * 100000) | length }}",
+    "string filter of a list": BIG + "{{ ([x] * 100000) | string | length }}",
+    "printing a list": BIG + "{{ [x] * 100000 }}",
+    "{% set %} block capture": BIG + "{% set y %}{% for i in range(100000) %}{{ x }}{% endfor %}{% endset %}",
+    "macro body": BIG + "{% macro m() %}{% for i in range(100000) %}{{ x }}{% endfor %}{% endmacro %}{{ m()|length }}",
+    "center filter": "{{ 'a' | center(1000000000) }}",
+    "indent filter": "{{ ('\\n' * 999999) | indent(1000) }}",
+    "wordwrap filter": "{{ ('a ' * 499999) | wordwrap(1, wrapstring='b' * 1000) }}",
+    "format filter": "{{ '%0999999999d' | format(1) }}",
+    "format filter with *": "{{ '%*d' | format(999999999, 1) }}",
+    "% operator": "{{ '%0999999999d' % 1 }}",
+    "str.format width": "{{ '{:>999999999}'.format(1) }}",
+    "str.format repeating a field": BIG + "{{ ('{0}' * 10000).format(x) }}",
+    "str.ljust": "{{ 'a'.ljust(1000000000) }}",
+    "str.zfill": "{{ '1'.zfill(1000000000) }}",
+    "str.expandtabs": "{{ ('\\t' * 999999).expandtabs(1000) }}",
+    "str.replace": BIG + "{{ x.replace('a', x) }}",
+    "replace filter": BIG + "{{ x | replace('a', x) }}",
+    "str.translate": BIG + "{{ x.translate({97: x}) }}",
+    "int.to_bytes": "{{ (1).to_bytes(1000000000, 'big') }}",
+    "tojson indent": "{{ [[[[1]]]] | tojson(indent=100000000) }}",
+    "slice filter": "{{ [1] | slice(1000000000) | list | length }}",
+    "batch filter": "{{ [1] | batch(1000000000, 0) | list | length }}",
+    "sum of lists": "{{ ([[1]] * 100000) | sum(start=[]) | length }}",
+    "map through a filter": "{{ ['a'] | map('center', 1000000000) | list }}",
+    "slices held by recursion": "{% macro f(s) %}{{ f(s[1:]) }}{% endmacro %}{{ f('a' * 999999) }}",
+    "integer squaring": "{% set ns = namespace(x=2**60) %}{% for i in range(40) %}{% set ns.x = ns.x * ns.x %}"
+                        "{% endfor %}",
+    "power of a big base": "{{ (2 ** 10000) ** 10000 }}",
+    "strftime_now": "{{ strftime_now('%c' * 100000) }}",
+    "recursive macro": "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}",
+    "float overflow": "{{ 10.0 ** 400 }}",
+}
+
+
+@pytest.mark.parametrize("template", list(BOMBS.values()), ids=list(BOMBS))
+def test_template_bombs_are_stopped_fast_and_small(template):
+    tracemalloc.start()
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(UnsafeCheckpointError, match="unsafe") as e:
+            render_chat_template(template, [{"role": "user", "content": "hi"}])
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert time.monotonic() - t0 < 2.0
+    assert peak < 200 << 20, f"{peak / 2**20:.0f} MiB"  # before the caps: 2 GB for the issue's loop
+    assert "Traceback" not in str(e.value) and "/" not in str(e.value).replace("a/b", "")
+
+
+def test_lipsum_is_not_offered():
+    with pytest.raises(InvalidRequestError, match="lipsum"):
+        render_chat_template("{{ lipsum(1000000000) }}", [{"role": "user", "content": "hi"}])
+
+
+def test_deadline_stops_a_slow_template(monkeypatch):
+    monkeypatch.setattr(template_sandbox, "LIMITS", template_sandbox.TemplateLimits(time_s=0.3))
+    slow = {  # each step is cheap to build but slow to run: only the clock stops them
+        "substring search": BIG + "{% for i in range(100000) %}{% if 'b' in x %}{% endif %}{% endfor %}",
+        "exponential macro calls": "{% macro f(n) %}{% if n < 40 %}{{ f(n + 1) }}{{ f(n + 1) }}{% endif %}"
+                                   "{% endmacro %}{{ f(0) }}",
+        # 10**10 empty steps: each step is charged too, so the work limit may stop it first
+        "nested loops": "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+    }
+    for name, template in slow.items():
+        t0 = time.monotonic()
+        with pytest.raises(UnsafeCheckpointError, match="longer than 0.3 s" if name != "nested loops" else "unsafe"):
+            render_chat_template(template, [{"role": "user", "content": "hi"}])
+        assert time.monotonic() - t0 < 1.5, name
+
+
+def test_long_legit_prompts_still_render():
+    # the caps grow with the input: a 3 MB message renders through a template that copies it twice
+    content = "word " * 600_000
+    template = ("{% for m in messages %}{% set c = m.content | trim %}"
+                "{{ '<|im_start|>' ~ m.role ~ '\\n' ~ c ~ '<|im_end|>\\n' }}{% endfor %}")
+    out = render_chat_template(template, [{"role": "user", "content": content}])
+    assert len(out) == len(content.strip()) + len("<|im_start|>user\n<|im_end|>\n")
+    # while the same template with a cap of the smallest size refuses a bomb of the same size
+    with pytest.raises(UnsafeCheckpointError):
+        render_chat_template(BIG + "{{ x ~ x ~ x ~ x ~ x }}", [{"role": "user", "content": "hi"}])
+
+
+def test_bounded_sandbox_renders_like_plain_jinja():
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    template = ("{% set ns = namespace(names=[], n=0) %}{% for m in messages %}{% set ns.n = ns.n + 1 %}"
+                "{% set ns.names = ns.names + [m.role] %}{% endfor %}{{ ns.names | join(',') }}|{{ ns.n }}|"
+                "{{ messages[0].content[1:3] }}|{{ messages[::-1] | map(attribute='role') | list }}|"
+                "{{ 'x' | center(7) }}|{{ '%05d' % 42 }}|{{ '{:>4}'.format('a') }}|{{ messages | length }}|"
+                "{% for m in messages if m.role != 'system' %}{{ loop.index }}{{ loop.last }}{% endfor %}|"
+                "{% for a, b in {'k': 1} | dictsort %}{{ a }}={{ b }}{% endfor %}|{{ 'a\\nb' | indent(2) }}|"
+                "{% macro m(x) %}<{{ x ~ '!' }}>{% endmacro %}{{ m('hi') }}|{{ range(3) | sum }}|"
+                "{{ [3, 1, 2] | sort | first }}|{{ 'abc' | replace('b', 'B') }}|{{ 'a b' | wordwrap(1) }}")
+    want = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(template).render(
+        messages=MESSAGES)
+    assert render_chat_template(template, MESSAGES) == want
+
+
+def test_limits_from_the_environment(monkeypatch):
+    monkeypatch.setenv("HEARTH_TEMPLATE_OUTPUT_CHARS", "100")
+    monkeypatch.setenv("HEARTH_TEMPLATE_TIME_S", "0.5")
+    limits = template_sandbox.TemplateLimits.from_env()
+    assert limits.output_chars == 100 and limits.time_s == 0.5
+    monkeypatch.setattr(template_sandbox, "LIMITS", limits)
+    with pytest.raises(UnsafeCheckpointError, match="longer than 100 characters"):
+        render_chat_template("x" * 200, [{"role": "user", "content": "hi"}])
+    with pytest.raises(ValueError, match="time_s"):
+        template_sandbox.TemplateLimits(time_s=0)
+
+
+def test_oversized_template_is_refused():
+    with pytest.raises(UnsafeCheckpointError, match="more than the limit"):
+        render_chat_template("x" * (template_sandbox.LIMITS.template_chars + 1), MESSAGES)
