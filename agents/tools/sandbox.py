@@ -1,4 +1,4 @@
-"""The `python` tool: run a short Python program in a separate, limited process. OFF by default.
+"""The `python` tool: run a short Python program in a separate, confined process. OFF by default.
 
     registry = default_registry(sandbox=True)                  # registers "python"
     out = await run_python("print(sum(range(10)))")            # SandboxResult(stdout="45\n", ...)
@@ -8,18 +8,44 @@ Each run gets `python -I -S -B` (isolated, stdlib only, no site-packages) in a f
 directory as cwd, an empty environment and its own process group, with:
 - CPU time (RLIMIT_CPU), address space (RLIMIT_AS), file size (RLIMIT_FSIZE) limits;
 - a wall-clock timeout, after which the whole process group is killed;
-- an audit hook (see _sandbox_child.py) that refuses sockets, subprocesses, fork/exec, signals to other
-  processes, ctypes, and opening files outside the temporary directory (the stdlib stays readable);
-- stdout and stderr capped.
+- stdout and stderr capped;
+- confinement by the kernel, set by the process itself (_sandbox_child.confine) before the program runs:
+  1. every capability dropped (a root sandbox included) and no_new_privs set;
+  2. Landlock: files may be read only in the standard library, the system's shared libraries and a few
+     harmless files (/dev/null, /dev/urandom, time zones), and written, created, renamed, linked or
+     truncated only inside the temporary directory. Landlock checks the path a call reaches however it is
+     named, so openat/renameat/linkat relative to any directory descriptor, symlinks, hard links and
+     /proc/self/root or /proc/PID/... all end at the same refusal. From ABI 4 on TCP bind/connect are
+     refused too, from ABI 6 on signals to processes outside the sandbox and abstract unix sockets;
+  3. seccomp, a filter in the kernel's BPF that answers EPERM to socket() (socketpair(AF_UNIX) stays, it
+     reaches nothing outside), fork, vfork, clone without CLONE_THREAD, execve, execveat, ptrace,
+     process_vm_readv/writev, signals to any other process, setting rlimits, namespaces and mounts,
+     open_by_handle_at, bpf, perf_event_open, userfaultfd, io_uring (which would bypass the filter),
+     keyrings, modules, kexec, clocks, and changes of file metadata, which Landlock does not cover
+     (chmod, chown, utime, xattrs, the flag-setting ioctls: so shutil.copy fails, shutil.copyfile works);
+     clone3 answers ENOSYS so libc falls back to clone, whose flags the filter can read. Threads are
+     allowed: they share the process's confinement.
+  If any step fails the process exits before running anything ("sandbox: cannot confine the process").
+- an audit hook that turns the common mistakes (opening /etc/passwd, importing subprocess) into clear
+  messages. It is not the boundary (PEP 578 says hooks cannot be one: os.open with dir_fd bypassed it).
 
-This keeps a model's mistakes contained; it is not a boundary against a determined attacker (audit hooks
-are not, PEP 578 says so). Give untrusted users a container or VM around the server if they get this tool.
+Why these: they need no privilege (no root, no setuid helper, no user namespaces, which containers and
+Ubuntu's AppArmor often forbid), no package (ctypes and raw syscalls), about 10 ms per run, and refuse
+a path whatever route a call takes to it. bubblewrap needs user namespaces or a setuid helper, and a
+mount namespace hides files rather than refusing a route to them. The kernel must offer Landlock
+(Linux 5.13+ built with CONFIG_SECURITY_LANDLOCK and "landlock" in its active LSM list) and seccomp
+filters; below Landlock ABI 3 (Linux 6.2), which cannot refuse truncation, the seccomp filter refuses
+truncate() and O_TRUNC on read-only opens instead. Where either is missing, or on an architecture other than x86_64 and
+aarch64 (the filter's syscall tables), enabling the sandbox raises SandboxUnavailable saying what is
+missing, and sandbox_unavailable_reason() says it without raising.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
+import platform
 import signal
 import sys
 import tempfile
@@ -27,11 +53,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import _sandbox_child
 from .registry import Tool, ToolError
 
-__all__ = ["SandboxLimits", "SandboxResult", "run_python", "python_sandbox_tool"]
+__all__ = ["SandboxLimits", "SandboxResult", "SandboxUnavailable", "run_python", "python_sandbox_tool",
+           "sandbox_unavailable_reason"]
 
 _CHILD = Path(__file__).with_name("_sandbox_child.py")
+# test switches passed to the child (see _sandbox_child's docstring); empty in use
+_CHILD_OPTIONS: dict = {}
 _READ_CHUNK = 65536
 
 
@@ -94,9 +124,62 @@ class SandboxResult:
         return "\n".join(parts) if parts else "(no output)"
 
 
+class SandboxUnavailable(RuntimeError):
+    """This machine cannot confine the sandbox process; the message says what is missing."""
+
+
+def _syscall(nr: int, *args) -> tuple[int, int]:
+    """(result, errno) of a raw syscall; args are ints or ctypes pointers."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    result = libc.syscall(ctypes.c_long(nr), *(ctypes.c_long(a) if isinstance(a, int) else a for a in args))
+    return result, (ctypes.get_errno() if result < 0 else 0)
+
+
+def _landlock_abi() -> tuple[int, int]:
+    """(Landlock ABI version, 0) or (0, errno) from landlock_create_ruleset(NULL, 0, VERSION)."""
+    abi, err = _syscall(444, None, 0, 1)
+    return (abi, 0) if abi > 0 else (0, err)
+
+
+def _seccomp_filters(machine: str) -> int:
+    """0 when seccomp filters returning an errno are available, else the errno of asking."""
+    import ctypes
+
+    action = ctypes.c_uint32(_sandbox_child.RET_ERRNO)
+    nr = _sandbox_child.SYSCALLS[machine][1]["seccomp"]
+    return _syscall(nr, 2, 0, ctypes.byref(action))[1]  # SECCOMP_GET_ACTION_AVAIL
+
+
+@functools.cache
+def sandbox_unavailable_reason() -> str | None:
+    """None when this machine can confine the sandbox (Landlock and seccomp, see the module docstring),
+    else why not, in words. Asks the kernel once per process; changes nothing."""
+    if sys.platform != "linux":
+        return f"the python sandbox needs Linux (Landlock and seccomp); this is {sys.platform}"
+    machine = platform.machine()
+    if machine not in _sandbox_child.SYSCALLS:
+        return (f"the python sandbox's seccomp filter knows only {', '.join(_sandbox_child.SYSCALLS)}; "
+                f"this machine is {machine}")
+    abi, err = _landlock_abi()
+    if not abi:
+        why = {38: "this kernel has no Landlock (it needs Linux 5.13 or newer built with "
+                   "CONFIG_SECURITY_LANDLOCK)",
+               95: "Landlock is built into this kernel but not enabled (add landlock to the lsm= boot parameter)",
+               1: "Landlock is blocked here, probably by the container's seccomp profile"}
+        return f"the python sandbox needs Landlock: {why.get(err, os.strerror(err))}"
+    err = _seccomp_filters(machine)
+    if err:
+        return f"the python sandbox needs seccomp filters (CONFIG_SECCOMP_FILTER): {os.strerror(err)}"
+    return None
+
+
 def _check_platform() -> None:
-    if os.name != "posix":
-        raise RuntimeError("the python sandbox needs a POSIX system (resource limits and process groups)")
+    reason = sandbox_unavailable_reason()
+    if reason:
+        raise SandboxUnavailable(reason + "; the sandbox stays off on this machine")
 
 
 async def _drain(stream: asyncio.StreamReader, cap_bytes: int, hard_cap: int, on_flood) -> tuple[bytes, bool]:
@@ -131,8 +214,9 @@ async def run_python(code: str, limits: SandboxLimits | None = None) -> SandboxR
     t0 = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="hearth-sandbox-") as tmp:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-I", "-S", "-B", "-X", "utf8", "-c", _CHILD.read_text(), tmp, str(limits.cpu_s),
-            str(limits.memory_mb * 2**20), str(limits.max_file_mb * 2**20),
+            sys.executable, "-I", "-S", "-B", "-X", "utf8", "-c", _CHILD.read_text(), repr({
+                "tmp": tmp, "cpu_s": limits.cpu_s, "memory": limits.memory_mb * 2**20,
+                "file_bytes": limits.max_file_mb * 2**20, **_CHILD_OPTIONS}),
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
             cwd=tmp, env={}, start_new_session=True, close_fds=True)
         state = {"stopped": "exit"}
@@ -171,6 +255,8 @@ async def run_python(code: str, limits: SandboxLimits | None = None) -> SandboxR
     stopped = state["stopped"]
     rc = proc.returncode
     err_text = err.decode("utf-8", "replace")
+    if rc == _sandbox_child.CONFINE_FAILED and err_text.startswith("sandbox: cannot confine"):
+        raise SandboxUnavailable(err_text.strip() + "; nothing ran")
     if stopped == "exit" and rc is not None and rc < 0:
         stopped = "cpu_time" if -rc in (signal.SIGXCPU, signal.SIGKILL) else "signal"
     if stopped == "exit" and rc and "MemoryError" in err_text:
@@ -183,7 +269,9 @@ async def run_python(code: str, limits: SandboxLimits | None = None) -> SandboxR
 
 
 def python_sandbox_tool(limits: SandboxLimits | None = None, *, name: str = "python") -> Tool:
-    """The `python` Tool over run_python with these limits."""
+    """The `python` Tool over run_python with these limits. Raises SandboxUnavailable where the kernel
+    cannot confine it (see sandbox_unavailable_reason)."""
+    _check_platform()
     limits = limits or SandboxLimits()
 
     async def python(code: str) -> str:

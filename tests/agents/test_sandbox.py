@@ -1,5 +1,6 @@
 """The python sandbox: output comes back, and the limits (CPU, memory, wall clock, files, network,
-processes, output size) hold."""
+processes, output size) hold. The audit hook's clear refusals are checked here; the kernel's confinement
+beneath it, with an escape corpus, in test_sandbox_escapes.py."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ import time
 import pytest
 
 from hearth.agents.tools import SandboxLimits, ToolRegistry, python_sandbox_tool, run_python
+from hearth.agents.tools.sandbox import sandbox_unavailable_reason
 
-pytestmark = pytest.mark.skipif(os.name != "posix", reason="the sandbox needs POSIX resource limits")
+pytestmark = pytest.mark.skipif(sandbox_unavailable_reason() is not None,
+                                reason=f"no kernel confinement here: {sandbox_unavailable_reason()}")
 
 LIMITS = SandboxLimits(cpu_s=1, memory_mb=256, wall_s=4.0, max_output_chars=2000)
 
