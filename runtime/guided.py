@@ -25,6 +25,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .errors import InvalidRequestError
+from .schema_check import check_schema_has_values
 from .types import GuidedDecoding
 
 log = logging.getLogger("hearth.guided")
@@ -67,6 +68,7 @@ def grammar_text(guided: GuidedDecoding) -> str:
 
     try:
         if guided.kind == "json_schema":
+            check_schema_has_values(guided.spec)
             return LLMatcher.grammar_from_json_schema(guided.spec, defaults=JSON_DEFAULTS)
         if guided.kind == "json_object":
             return LLMatcher.grammar_from_json_schema({"type": "object"}, defaults=JSON_DEFAULTS)
