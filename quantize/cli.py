@@ -1,16 +1,18 @@
 """The `quantize` command: every conversion from one checkpoint, each measured against its parent.
 
-    quantize gptq CKPT --bits 4 --group-size 128 [--desc-act] [--calib builtin|FILE] -o OUT
-    quantize bnb CKPT --int8|--nf4 [--double-quant] -o OUT
-    quantize merge --base BASE --adapter LORA [--base-4bit] -o OUT
-    quantize gguf CKPT --type f16|q8_0|q4_0|q4_k_m|q5_k_m -o OUT.gguf
+    quantize gptq CKPT --bits 4 --group-size 128 [--desc-act] [--calib builtin|FILE] -o OUT [--force]
+    quantize bnb CKPT --int8|--nf4 [--double-quant] -o OUT [--force]
+    quantize merge --base BASE --adapter LORA [--base-4bit] -o OUT [--force]
+    quantize gguf CKPT --type f16|q8_0|q4_0|q4_k_m|q5_k_m -o OUT.gguf [--force]
     quantize recipe RECIPE.yaml [--force] [--only NAME ...]
     quantize report ARTIFACT [--against PARENT] [--max-ppl-increase PCT] [--quick]
 
 CKPT is an HF checkpoint dir or a registered model name (`smollm2-135m-instruct` is the bundled one).
 gptq/bnb/merge/gguf take `--report` (and `--max-ppl-increase`) to measure the new artifact at once.
-Exit status: 0 done, 1 a quality gate failed, 2 bad input or a failed step, 130 interrupted (nothing
-half-written is left: outputs are renamed into place only when complete).
+An existing OUT is refused (exit 2) unless `--force`; then it is replaced only once the new artifact is
+complete. Exit status: 0 done, 1 a quality gate failed, 2 bad input or a failed step, 130 interrupted
+(nothing half-written is left: outputs are renamed into place only when complete, and temps that a
+killed run left beside OUT are removed by the next run).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="with --report: fail (exit 1) if perplexity rises more than PCT percent")
         sp.add_argument("--quick", action="store_true", help="with --report: a shorter, CI-sized report")
         sp.add_argument("-o", "--output", required=True, metavar="OUT", help="where to write the artifact")
+        sp.add_argument("--force", action="store_true", help="replace OUT if it exists (default: refuse)")
 
     g = sub.add_parser("gptq", help="GPTQ through gptqmodel (HF GPTQ layout)")
     g.add_argument("ckpt", metavar="CKPT")
@@ -76,7 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("recipe", help="one checkpoint to several artifacts, each with its report")
     r.add_argument("recipe", metavar="RECIPE.yaml")
-    r.add_argument("--force", action="store_true", help="rebuild artifacts that already exist")
+    r.add_argument("--force", action="store_true",
+                   help="rebuild artifacts that already exist (default: keep those built from this source "
+                        "with these options, refuse to replace anything else)")
     r.add_argument("--only", nargs="+", metavar="NAME", help="build only these artifacts of the recipe")
     r.add_argument("--quick", action="store_true", help="CI-sized reports (overrides the recipe)")
     r.set_defaults(func=cmd_recipe)
@@ -96,6 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
 def _source(name_or_path: str) -> Path:
     from .recipe import resolve_source
     return resolve_source(name_or_path)
+
+
+def _output(args: argparse.Namespace) -> Path:
+    """-o OUT, refused before any work if it exists and --force was not given."""
+    from .common import refuse_existing
+    return refuse_existing(args.output, overwrite=args.force)
 
 
 def _finish(args: argparse.Namespace, out: Path) -> int:
@@ -126,23 +137,28 @@ def _report(artifact: Path, against: str | None, gate: float | None, quick: bool
 def cmd_gptq(args: argparse.Namespace) -> int:
     from .gptq import quantize_gptq
 
-    out = quantize_gptq(_source(args.ckpt), Path(args.output), bits=args.bits, group_size=args.group_size,
+    dest = _output(args)
+    out = quantize_gptq(_source(args.ckpt), dest, bits=args.bits, group_size=args.group_size,
                         desc_act=args.desc_act, calib=args.calib, num_samples=args.num_samples,
-                        seq_len=args.seq_len, device=args.device)
+                        seq_len=args.seq_len, device=args.device, overwrite=args.force)
     return _finish(args, Path(out))
 
 
 def cmd_bnb(args: argparse.Namespace) -> int:
     from .bnb import quantize_bnb
 
-    out = quantize_bnb(_source(args.ckpt), Path(args.output), mode=args.mode, double_quant=args.double_quant)
+    dest = _output(args)
+    out = quantize_bnb(_source(args.ckpt), dest, mode=args.mode, double_quant=args.double_quant,
+                       overwrite=args.force)
     return _finish(args, Path(out))
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
     from .merge import merge_lora
 
-    out = merge_lora(_source(args.base), Path(args.adapter), Path(args.output), base_4bit=args.base_4bit)
+    dest = _output(args)
+    out = merge_lora(_source(args.base), Path(args.adapter), dest, base_4bit=args.base_4bit,
+                     overwrite=args.force)
     return _finish(args, Path(out))
 
 
@@ -152,7 +168,8 @@ def cmd_gguf(args: argparse.Namespace) -> int:
 
     if args.qtype not in GGUF_TYPES:
         raise QuantizeError(f"--type must be one of {', '.join(GGUF_TYPES)}; got {args.qtype!r}")
-    out = convert(_source(args.ckpt), Path(args.output), args.qtype)
+    dest = _output(args)
+    out = convert(_source(args.ckpt), dest, args.qtype, overwrite=args.force)
     return _finish(args, Path(out))
 
 

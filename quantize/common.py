@@ -14,14 +14,13 @@ import contextlib
 import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
 from hearth.runtime.checkpoint import (CheckpointInfo, Manifest, Parent, content_hash, inspect_checkpoint,
                                        read_manifest)
 from hearth.runtime.errors import HearthError, ModelLoadError, ModelNotFoundError
-from hearth.runtime.fileio import TMP_MARK, atomic_write_text  # noqa: F401  (re-exported for the stages)
+from hearth.runtime.fileio import atomic_write_text, make_temp, staged  # noqa: F401  (re-exported for the stages)
 
 # Tokenizer and template files copied next to converted weights (whichever the source has).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -31,6 +30,10 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 class QuantizeError(HearthError, ValueError):
     """A quantize command cannot do what was asked (bad option, unsupported input); the message says why."""
+
+
+class OutputExistsError(QuantizeError):
+    """The output path exists and the command was not told to replace it (`--force`)."""
 
 
 class QualityGateError(HearthError):
@@ -85,53 +88,27 @@ def copy_tokenizer(src: str | os.PathLike, dst: str | os.PathLike) -> list[str]:
     return copied
 
 
-def _commit(tmp: Path, final: Path) -> None:
-    old = None
-    if final.exists() or final.is_symlink():
-        old = final.with_name(f".{final.name}{TMP_MARK}old-{os.getpid()}")
-        os.rename(final, old)
-    os.rename(tmp, final)
-    if old is not None:
-        if old.is_dir() and not old.is_symlink():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            old.unlink(missing_ok=True)
+def refuse_existing(out: str | os.PathLike, overwrite: bool) -> Path:
+    """The resolved output path; an existing one is an error unless `overwrite` (the CLI's --force)."""
+    final = Path(out).expanduser().resolve()
+    if not overwrite and (final.exists() or final.is_symlink()):
+        raise OutputExistsError(f"{final} already exists; pass --force to replace it")
+    return final
 
 
 @contextlib.contextmanager
 def atomic_output(out: str | os.PathLike, *, is_file: bool = False, overwrite: bool = True) -> Iterator[Path]:
     """Yield a temp path beside `out` (a dir, or a file path when is_file); rename it into place on success.
 
-    Any exception or interrupt removes the temp and leaves `out` untouched. With overwrite=False an
-    existing `out` is an error before any work starts."""
-    final = Path(out).expanduser().resolve()
-    if final.exists() and not overwrite:
-        raise QuantizeError(f"{final} already exists; choose another output or allow overwriting")
+    Any exception or interrupt removes the temp and leaves `out` untouched; an existing `out` is replaced
+    only once the new one is complete. With overwrite=False an existing `out` is an error before any
+    work starts. Temps that killed runs left beside `out` are removed first (runtime.fileio.staged)."""
+    final = refuse_existing(out, overwrite)
     if final.exists() and is_file != final.is_file():
         kind = "a file" if final.is_file() else "a directory"
         raise QuantizeError(f"{final} exists and is {kind}; refusing to replace it")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    if is_file:
-        fd, name = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}{TMP_MARK}")
-        os.close(fd)
-        tmp = Path(name)
-        tmp.chmod(0o644)
-    else:
-        tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}{TMP_MARK}"))
-        tmp.chmod(0o755)
-    try:
+    with staged(final, is_dir=not is_file) as tmp:
         yield tmp
-        if not is_file:
-            for f in tmp.iterdir():  # safetensors and mkstemp write owner-only files
-                if f.is_file():
-                    f.chmod(0o644)
-        _commit(tmp, final)
-    except BaseException:
-        if tmp.is_dir():
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            tmp.unlink(missing_ok=True)
-        raise
 
 
 def size_on_disk(path: str | os.PathLike) -> int:

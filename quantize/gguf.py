@@ -24,8 +24,8 @@ import json
 import math
 import os
 import re
+import shutil
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -36,8 +36,8 @@ import numpy as np
 from hearth.runtime.checkpoint import Manifest, read_gguf_metadata
 from hearth.runtime.errors import ModelLoadError, UnsupportedModelError
 
-from .common import (TMP_MARK, QuantizeError, atomic_output, parent_lineage, quantized_manifest, say,
-                     source_checkpoint)
+from .common import (QuantizeError, atomic_output, make_temp, parent_lineage, quantized_manifest, refuse_existing,
+                     say, source_checkpoint)
 from .gguf_kv import read_hearth_metadata, write_metadata
 from .gguf_vocab import read_bpe_vocab
 
@@ -416,9 +416,7 @@ def convert(ckpt: str | os.PathLike, out: str | os.PathLike, qtype: str = "f16",
     _check_type(qtype)
     info = source_checkpoint(ckpt, want="hf-safetensors")
     src = Path(ckpt).expanduser().resolve()
-    final = Path(out).expanduser().resolve()
-    if final.exists() and not overwrite:
-        raise QuantizeError(f"{final} already exists; choose another output or allow overwriting")
+    final = refuse_existing(out, overwrite)
     cfg = info.config or {}
     arch = (cfg.get("architectures") or [cfg.get("model_type", "unknown")])[0]
     if arch not in FAMILIES:  # before hashing gigabytes of weights
@@ -435,12 +433,14 @@ def convert(ckpt: str | os.PathLike, out: str | os.PathLike, qtype: str = "f16",
         with atomic_output(final, is_file=True, overwrite=overwrite) as tmp:
             _write_gguf(src, files, cfg, tmp, qtype, manifest)
     else:
-        final.parent.mkdir(parents=True, exist_ok=True)
         # beside the output, not in /tmp: the f16 copy of a large model needs the output's disk
-        with tempfile.TemporaryDirectory(dir=final.parent, prefix=f".{final.name}{TMP_MARK}f16-") as tmpdir:
-            f16 = Path(tmpdir) / "model.f16.gguf"
+        tmpdir = make_temp(final, is_dir=True, kind="f16")
+        try:
+            f16 = tmpdir / "model.f16.gguf"
             _write_gguf(src, files, cfg, f16, "f16", manifest)
             quantize_gguf(f16, final, qtype, overwrite=overwrite, manifest=manifest)
+        finally:
+            shutil.rmtree(tmpdir, ignore_errors=True)
         return final
     say(f"wrote {final} ({qtype}, {final.stat().st_size / 2**20:.1f} MiB)")
     return final

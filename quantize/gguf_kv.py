@@ -15,7 +15,6 @@ import json
 import os
 import shutil
 import struct
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -25,7 +24,7 @@ from gguf import GGUF_DEFAULT_ALIGNMENT, GGUF_MAGIC, GGUFValueType, Keys
 from hearth.runtime.checkpoint import is_gguf, read_gguf_metadata
 from hearth.runtime.errors import ModelLoadError, ModelNotFoundError
 
-from .common import TMP_MARK, QuantizeError
+from .common import QuantizeError, staged
 
 MetaValue = str | int | float | bool
 HEARTH_PREFIX = "hearth."
@@ -169,25 +168,17 @@ def write_metadata(path: str | os.PathLike, updates: dict[str, MetaValue]) -> No
         vtype = _value_type(key, value, existing)
         kv[key] = (vtype, _encode(key, value, vtype))  # a replaced key keeps its position
 
-    fd, tmp_name = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}{TMP_MARK}")
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as out, open(p, "rb") as src:
-            out.write(struct.pack("<IIQQ", GGUF_MAGIC, lay.version, lay.n_tensors, len(kv)))
-            for _vtype, raw in kv.values():
-                out.write(raw)
-            src.seek(lay.ti_start)
-            out.write(src.read(lay.ti_end - lay.ti_start))
-            out.write(b"\0" * (-out.tell() % lay.alignment))
-            src.seek(lay.data_start)
-            shutil.copyfileobj(src, out, _COPY_CHUNK)
-            out.flush()
-            os.fsync(out.fileno())
-        tmp.chmod(p.stat().st_mode & 0o777)
-        os.replace(tmp, p)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with staged(p, mode=p.stat().st_mode & 0o777) as tmp, open(tmp, "wb") as out, open(p, "rb") as src:
+        out.write(struct.pack("<IIQQ", GGUF_MAGIC, lay.version, lay.n_tensors, len(kv)))
+        for _vtype, raw in kv.values():
+            out.write(raw)
+        src.seek(lay.ti_start)
+        out.write(src.read(lay.ti_end - lay.ti_start))
+        out.write(b"\0" * (-out.tell() % lay.alignment))
+        src.seek(lay.data_start)
+        shutil.copyfileobj(src, out, _COPY_CHUNK)
+        out.flush()
+        os.fsync(out.fileno())
 
 
 def _decode(value: object) -> object:

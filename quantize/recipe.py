@@ -12,7 +12,8 @@
       - {name: merged, method: merge, adapter: path/to/lora, base_4bit: true}
 
 A re-run skips every artifact already built from the same source with the same settings (after a crash,
-the finished ones stay), unless `force`. The parent's logits and answers are computed once and reused
+the finished ones stay), unless `force`; anything else already at an artifact's path is refused before
+any work starts, unless `force`. The parent's logits and answers are computed once and reused
 for every report. At the end: summary.md, summary.json and summary.png in output_dir.
 """
 
@@ -29,7 +30,7 @@ import yaml
 from hearth.runtime.checkpoint import content_hash, read_manifest
 from hearth.runtime.errors import HearthError
 
-from .common import QualityGateError, QuantizeError, atomic_write_text, say
+from .common import OutputExistsError, QualityGateError, QuantizeError, atomic_write_text, say
 
 METHODS = ("gptq", "bnb", "merge", "gguf")
 # the settings each method takes, with their defaults (mirrors the function signatures)
@@ -229,6 +230,13 @@ def run_recipe(recipe: Recipe, *, force: bool = False, only: list[str] | None = 
         if missing:
             raise QuantizeError(f"no artifact named {missing} in the recipe; it has {[a.name for a in specs]}")
         specs = [a for a in specs if a.name in only]
+    if not force:
+        taken = [str(out_dir / a.name) for a in specs
+                 if (out_dir / a.name).exists() and not _already_built(out_dir / a.name, source_hash, a)]
+        if taken:
+            raise OutputExistsError(f"{', '.join(taken)} already exist{'s' if len(taken) == 1 else ''} and "
+                                    f"{'was' if len(taken) == 1 else 'were'} not built from this source with "
+                                    f"these settings; pass --force to replace")
     result = RecipeResult()
     with reports.ParentCache() as cache:  # the parent is measured once for every artifact
         _build_all(recipe, specs, source, source_hash, out_dir, cache, result, force)

@@ -148,3 +148,78 @@ artifacts:
 
     assert main(["recipe", str(recipe), "--only", "nope"]) == 2
     assert "nope" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- existing outputs, killed runs
+
+
+def test_an_existing_output_is_refused_without_force_and_replaced_with_it(tiny, tmp_path, capsys):
+    out = tmp_path / "mine.gguf"
+    out.write_bytes(b"a file the user cares about")
+    assert main(["gguf", str(tiny), "--type", "f16", "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert out.read_bytes() == b"a file the user cares about"
+    assert err.count("\n") == 1 and str(out) in err and "--force" in err and "Traceback" not in err
+
+    assert main(["gguf", str(tiny), "--type", "f16", "-o", str(out), "--force"]) == 0
+    assert out.read_bytes()[:4] == b"GGUF"
+    assert [p.name for p in tmp_path.iterdir()] == ["mine.gguf"]
+
+
+@pytest.mark.parametrize("command", [["bnb", "CKPT", "--int8"], ["gptq", "CKPT"],
+                                     ["merge", "--base", "CKPT", "--adapter", "CKPT"]])
+def test_every_writer_refuses_an_existing_output_before_any_work(tmp_path, capsys, command):
+    out = tmp_path / "artifact"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    missing = str(tmp_path / "no-such-checkpoint")  # never looked at: the output is checked first
+    assert main([missing if a == "CKPT" else a for a in command] + ["-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert str(out) in err and "--force" in err and "no-such-checkpoint" not in err
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def test_a_recipe_refuses_a_foreign_file_at_an_artifact_path(tiny, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    recipe = _write(tmp_path / "r.yaml", f"source: {tiny}\noutput_dir: out\nartifacts:\n"
+                                         "  - {name: t.gguf, method: gguf, type: f16, report: false}\n")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "t.gguf").write_bytes(b"not built by this recipe")
+    assert main(["recipe", str(recipe)]) == 2
+    assert "--force" in capsys.readouterr().err
+    assert (tmp_path / "out" / "t.gguf").read_bytes() == b"not built by this recipe"
+    assert main(["recipe", str(recipe), "--force"]) == 0
+    assert (tmp_path / "out" / "t.gguf").read_bytes()[:4] == b"GGUF"
+
+
+# A conversion that is slow at its last step (llama.cpp's quantizer): it says when, and waits to be killed.
+_SLOW = """
+import sys, time
+from hearth.quantize import gguf
+real = gguf._llama_quantize
+def slow(src, dst, qtype):
+    real(src, dst, qtype)
+    print("quantized", flush=True)
+    time.sleep(120)
+gguf._llama_quantize = slow
+from hearth.quantize.cli import main
+main(sys.argv[1:])
+"""
+
+
+def test_a_rerun_after_kill_9_leaves_no_temp_behind(tiny, tmp_path):
+    out = tmp_path / "m.gguf"
+    args = ["gguf", str(tiny), "--type", "q8_0", "-o", str(out)]
+    p = subprocess.Popen([sys.executable, "-c", _SLOW, *args], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                         text=True)
+    try:
+        assert p.stdout.readline().strip() == "quantized"
+        leftovers = [x.name for x in tmp_path.iterdir() if ".tmp-" in x.name]
+        assert len(leftovers) == 2, leftovers  # the f16 folder and the q8_0 file being written
+    finally:
+        p.kill()  # SIGKILL: no handler runs, nothing is cleaned up
+        p.wait(timeout=30)
+    assert not out.exists() and len([x for x in tmp_path.iterdir() if ".tmp-" in x.name]) == 2
+
+    assert main(args) == 0
+    assert out.is_file() and [x.name for x in tmp_path.iterdir()] == ["m.gguf"]
