@@ -58,6 +58,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from hearth.runtime.checkpoint import PickleRefusedError
     from hearth.runtime.errors import HearthError
 
     argv = sys.argv[1:] if argv is None else argv
@@ -72,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except HearthError as e:
+        if isinstance(e, PickleRefusedError):  # name this command's flag, or say it has none
+            e = e.naming("--allow-pickle" if hasattr(args, "allow_pickle") else None)
         print(f"hearth: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

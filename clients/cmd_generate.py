@@ -2,6 +2,7 @@
 
     hearth generate --prompt "Write a haiku about tea" --max-tokens 64
     hearth chat --system "You are terse." --backend transformers
+    hearth generate --model old-ckpt/ --allow-pickle --prompt "Hi"   # pytorch_model.bin: trusted sources only
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--seed", type=int, default=None)
         p.add_argument("--threads", type=int, default=None, help="CPU threads for the model")
         p.add_argument("--system", default=None, help="system prompt")
+        p.add_argument("--allow-pickle", action="store_true",
+                       help="load pickle weights (pytorch_model.bin); they can run code: only from a trusted source")
         if name == "generate":
             p.add_argument("--prompt", required=True)
             p.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
@@ -34,9 +37,22 @@ def _engine(args):
     from hearth.runtime import Engine
 
     kw = {}
+    backend = args.backend
+    if args.allow_pickle:
+        if backend == "auto":  # from_model's own format check would refuse pickle: pick the backend here
+            backend = "llamacpp" if _format(args.model) == "gguf" else "transformers"
+        if backend == "transformers":
+            kw["allow_pickle"] = True
     if args.threads:
-        kw["n_threads" if args.backend != "transformers" else "num_threads"] = args.threads
-    return Engine.from_model(args.model, backend=args.backend, **kw)
+        kw["n_threads" if backend != "transformers" else "num_threads"] = args.threads
+    return Engine.from_model(args.model, backend=backend, **kw)
+
+
+def _format(model: str | None) -> str:
+    from hearth.runtime.checkpoint import inspect_checkpoint
+    from hearth.runtime.registry import DEFAULT_MODEL, resolve_model
+
+    return inspect_checkpoint(resolve_model(model or DEFAULT_MODEL, prefer="gguf"), allow_pickle=True).format
 
 
 def _params(args):

@@ -197,6 +197,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from hearth.runtime.checkpoint import PickleRefusedError
     from hearth.runtime.errors import HearthError
 
     from .common import QualityGateError
@@ -209,6 +210,9 @@ def main(argv: list[str] | None = None) -> int:
     except QualityGateError as e:
         print(f"quantize: {e}", file=sys.stderr)
         return EXIT_GATE
+    except PickleRefusedError as e:  # the converters read safetensors only: there is no flag to name
+        print(f"quantize: error: {e.naming(None)}", file=sys.stderr)
+        return EXIT_ERROR
     except HearthError as e:
         print(f"quantize: error: {e}", file=sys.stderr)
         return EXIT_ERROR

@@ -386,11 +386,21 @@ def check_trust_remote_code(config: dict[str, Any] | None, allow: bool, source: 
             "checkpoint. Pass --trust-remote-code (trust_remote_code=True) only if you trust its source.")
 
 
-def _pickle_error(files: list[Path]) -> UnsafeCheckpointError:
-    names = ", ".join(str(f) for f in files)
-    return UnsafeCheckpointError(
-        f"pickle weights can run arbitrary code when loaded ({names}); convert them to safetensors, "
-        "or pass --allow-pickle (allow_pickle=True) if you trust their source")
+class PickleRefusedError(UnsafeCheckpointError):
+    """Pickle-only weights and no explicit opt-in. The message names the Python opt-in; a command line
+    re-raises `naming(its flag)` so the user reads the flag of the command they ran (or that it has none)."""
+
+    def __init__(self, files: list[Path], opt_in: str | None = "allow_pickle=True"):
+        self.files = list(files)
+        names = ", ".join(str(f) for f in self.files)
+        how = (f", or pass {opt_in} if you trust their source" if opt_in else
+               " (this command does not load pickle weights)")
+        super().__init__(f"pickle weights can run arbitrary code when loaded ({names}); "
+                         f"convert them to safetensors{how}")
+
+    def naming(self, opt_in: str | None) -> "PickleRefusedError":
+        """The same refusal naming `opt_in` (a command's flag, e.g. "--allow-pickle"; None: there is none)."""
+        return PickleRefusedError(self.files, opt_in)
 
 
 def inspect_checkpoint(path: str | os.PathLike, allow_pickle: bool = False,
@@ -439,7 +449,7 @@ def inspect_checkpoint(path: str | os.PathLike, allow_pickle: bool = False,
         return CheckpointInfo(p, "gguf", [ggufs[0][0]], config, manifest, ggufs[0][1])
     if pickles:
         if not allow_pickle:
-            raise _pickle_error(pickles)
+            raise PickleRefusedError(pickles)
         return CheckpointInfo(p, "pickle", pickles, config, manifest)
     raise ModelLoadError(f"no model weights in {p}: expected *.safetensors (with config.json) or a GGUF file")
 
@@ -456,7 +466,7 @@ def _inspect_file(p: Path, allow_pickle: bool) -> CheckpointInfo:
                              f"(with config.json), {p.parent}")
     if _is_pickle(head):
         if not allow_pickle:
-            raise _pickle_error([p])
+            raise PickleRefusedError([p])
         return CheckpointInfo(p, "pickle", [p])
     raise ModelLoadError(f"{p} is not a model file hearth can load (not GGUF, safetensors or pickle)")
 
