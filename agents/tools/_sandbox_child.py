@@ -2,9 +2,9 @@
 
     python -I -S -B -X utf8 -c <this text> CONFIG
 
-and the program on stdin. CONFIG, a dict literal, holds tmp, cpu_s, memory, file_bytes, audit (install the audit hook),
-and two test switches: abi_max (use no newer Landlock ABI than this, as an older kernel would) and
-simulate_missing ("landlock" or "seccomp": fail as a kernel without it would).
+and the program on stdin. CONFIG, a dict literal, holds tmp, cpu_s, memory, file_bytes, audit (install
+the audit hook, default True) and two switches for tests: abi_max (use no newer Landlock ABI than this,
+as an older kernel would) and simulate_missing ("landlock" or "seccomp": fail as a kernel without it).
 
 It reads the program, sets the resource limits, then confines itself with the kernel (see confine(); the
 reasons are in sandbox.py's docstring) and only then runs the program, with the temporary directory as cwd.
@@ -53,7 +53,11 @@ SYSCALLS = {  # name: (AUDIT_ARCH value, name -> number)
         adjtimex=159, sethostname=170, setdomainname=171, fanotify_init=300, chmod=90, fchmod=91,
         fchmodat=268, chown=92, fchown=93, lchown=94, fchownat=260, utime=132, utimes=235, futimesat=261,
         utimensat=280, setxattr=188, lsetxattr=189, fsetxattr=190, removexattr=197, lremovexattr=198,
-        fremovexattr=199, open=2, openat=257, truncate=76, seccomp=317, ioctl=16)),
+        fremovexattr=199, open=2, openat=257, truncate=76, seccomp=317, ioctl=16, setpriority=141,
+        sched_setparam=142, sched_setscheduler=144, sched_setaffinity=203, sched_setattr=314, ioprio_set=251,
+        shmget=29, shmat=30, shmctl=31, shmdt=67, semget=64, semop=65, semctl=66, semtimedop=220, msgget=68,
+        msgsnd=69, msgrcv=70, msgctl=71, mq_open=240, mq_unlink=241, mq_timedsend=242, mq_timedreceive=243,
+        mq_notify=244, mq_getsetattr=245)),
     "aarch64": (0xC00000B7, dict(
         _COMMON, socket=198, socketpair=199, fork=None, vfork=None, clone=220, execve=221, execveat=281,
         ptrace=117, process_vm_readv=270, process_vm_writev=271, kill=129, tkill=130, tgkill=131,
@@ -66,10 +70,14 @@ SYSCALLS = {  # name: (AUDIT_ARCH value, name -> number)
         fanotify_init=262, chmod=None, fchmod=52, fchmodat=53, chown=None, fchown=55, lchown=None,
         fchownat=54, utime=None, utimes=None, futimesat=None, utimensat=88, setxattr=5, lsetxattr=6,
         fsetxattr=7, removexattr=14, lremovexattr=15, fremovexattr=16, open=None, openat=56, truncate=45,
-        seccomp=277, ioctl=29)),
+        seccomp=277, ioctl=29, setpriority=140, sched_setparam=118, sched_setscheduler=119,
+        sched_setaffinity=122, sched_setattr=274, ioprio_set=30, shmget=194, shmat=196, shmctl=195, shmdt=197,
+        semget=190, semop=193, semctl=191, semtimedop=192, msgget=186, msgsnd=189, msgrcv=188, msgctl=187,
+        mq_open=180, mq_unlink=181, mq_timedsend=182, mq_timedreceive=183, mq_notify=184, mq_getsetattr=185)),
 }
-# refused outright with EPERM: new programs, other processes, kernel state, what could undo the rest, and
-# changes to file metadata (modes, owners, times, xattrs), which Landlock does not cover
+# refused outright with EPERM: new programs, other processes, kernel state, what could undo the rest,
+# changes to file metadata (modes, owners, times, xattrs) which Landlock does not cover, and System V and
+# POSIX IPC objects, which outlive the process and may belong to others
 DENIED = ("socket", "fork", "vfork", "execve", "execveat", "ptrace", "process_vm_readv", "process_vm_writev",
           "tkill", "pidfd_open", "pidfd_getfd", "pidfd_send_signal", "setrlimit", "unshare", "setns", "mount",
           "umount2", "pivot_root", "chroot", "open_tree", "open_tree_attr", "move_mount", "fsopen", "fsconfig",
@@ -80,7 +88,9 @@ DENIED = ("socket", "fork", "vfork", "execve", "execveat", "ptrace", "process_vm
           "clock_adjtime", "adjtimex", "sethostname", "setdomainname", "fanotify_init", "chmod", "fchmod",
           "fchmodat", "fchmodat2", "chown", "fchown", "lchown", "fchownat", "utime", "utimes", "futimesat",
           "utimensat", "setxattr", "lsetxattr", "fsetxattr", "removexattr", "lremovexattr", "fremovexattr",
-          "setxattrat", "removexattrat", "file_setattr")
+          "setxattrat", "removexattrat", "file_setattr", "ioprio_set", "shmget", "shmat", "shmctl", "shmdt",
+          "semget", "semop", "semctl", "semtimedop", "msgget", "msgsnd", "msgrcv", "msgctl", "mq_open", "mq_unlink",
+          "mq_timedsend", "mq_timedreceive", "mq_notify", "mq_getsetattr")
 # ioctl requests that change a file's flags or attributes on a descriptor opened only for reading
 # (FS_IOC_SETFLAGS, FS_IOC32_SETFLAGS, FS_IOC_SETVERSION, FS_IOC32_SETVERSION, FS_IOC_FSSETXATTR)
 DENIED_IOCTLS = (0x40086602, 0x40046602, 0x40087602, 0x40047602, 0x401C5820)
@@ -117,8 +127,11 @@ def seccomp_program(machine, pid, landlock_abi):
     prog.append((JEQ, "enosys", 0, nr["clone3"]))
     only_if("clone", ("set", arg(0), CLONE_THREAD))
     only_if("socketpair", ("eq", arg(0), AF_UNIX))
-    for name in ("kill", "tgkill", "rt_sigqueueinfo", "rt_tgsigqueueinfo"):
-        only_if(name, ("eq", arg(0), pid) if name != "kill" else ("pid", arg(0), pid))
+    for name in ("tgkill", "rt_sigqueueinfo", "rt_tgsigqueueinfo"):
+        only_if(name, ("eq", arg(0), pid))
+    for name in ("kill", "sched_setparam", "sched_setscheduler", "sched_setaffinity", "sched_setattr"):
+        only_if(name, ("pid", arg(0), pid))
+    only_if("setpriority", ("eq", arg(0), 0), ("pid", arg(1), pid))  # PRIO_PROCESS, never a group or user
     only_if("prlimit64", ("eq", arg(2), 0), ("eq", arg(2, True), 0))  # reading a limit, never setting one
     only_if("ioctl", *(("ne", arg(1), request) for request in DENIED_IOCTLS))
     if landlock_abi < 3:
@@ -134,8 +147,8 @@ def seccomp_program(machine, pid, landlock_abi):
             prog.append(load)
             if kind == "set":
                 prog.append((JSET, "allow", "eperm", value))
-            elif kind == "pid":  # kill(0, ...) is this process group, which is this process alone
-                prog += [(JEQ, "allow", 0, value), (JEQ, "allow", "eperm", 0)]
+            elif kind == "pid":  # this process, or 0 (for kill: this process group, which is this process)
+                prog += [(JEQ, 1, 0, value), (JEQ, 0, "eperm", 0)]
             elif kind == "notrunc":  # O_TRUNC with O_RDONLY truncates too, without asking for a write
                 prog += [(JSET, 0, "allow", O_TRUNC), (AND, 0, 0, O_ACCMODE), (JEQ, "eperm", "allow", 0)]
             elif kind == "ne":
@@ -317,8 +330,10 @@ def _main():
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     os.chdir(tmp)
     readable = tuple(os.path.realpath(p) for p in sys.path if p and os.path.exists(p))
+    # the installation's own lib folder: a shared libpython and the libraries it bundles (pyenv, conda)
+    libs = tuple({os.path.join(prefix, "lib") for prefix in (sys.base_prefix, sys.base_exec_prefix)})
     try:
-        confine(tmp, readable + READ_ONLY, cfg.get("abi_max"), cfg.get("simulate_missing"))
+        confine(tmp, readable + libs + READ_ONLY, cfg.get("abi_max"), cfg.get("simulate_missing"))
     except OSError as e:
         sys.stderr.write(f"sandbox: cannot confine the process: {e.strerror or e}\n")
         sys.stderr.flush()

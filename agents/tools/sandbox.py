@@ -19,10 +19,11 @@ directory as cwd, an empty environment and its own process group, with:
      refused too, from ABI 6 on signals to processes outside the sandbox and abstract unix sockets;
   3. seccomp, a filter in the kernel's BPF that answers EPERM to socket() (socketpair(AF_UNIX) stays, it
      reaches nothing outside), fork, vfork, clone without CLONE_THREAD, execve, execveat, ptrace,
-     process_vm_readv/writev, signals to any other process, setting rlimits, namespaces and mounts,
-     open_by_handle_at, bpf, perf_event_open, userfaultfd, io_uring (which would bypass the filter),
-     keyrings, modules, kexec, clocks, and changes of file metadata, which Landlock does not cover
-     (chmod, chown, utime, xattrs, the flag-setting ioctls: so shutil.copy fails, shutil.copyfile works);
+     process_vm_readv/writev, signals to or priorities of any other process, setting rlimits, namespaces
+     and mounts, open_by_handle_at, bpf, perf_event_open, userfaultfd, io_uring (which would bypass the
+     filter), System V and POSIX IPC, keyrings, modules, kexec, clocks, and changes of file metadata,
+     which Landlock does not cover (chmod, chown, utime, xattrs, the flag-setting ioctls: so shutil.copy
+     fails where shutil.copyfile works);
      clone3 answers ENOSYS so libc falls back to clone, whose flags the filter can read. Threads are
      allowed: they share the process's confinement.
   If any step fails the process exits before running anything ("sandbox: cannot confine the process").

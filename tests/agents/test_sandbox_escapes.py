@@ -86,18 +86,25 @@ ESCAPES = {
     "os.posix_spawn": "import os\nos.posix_spawn('/bin/sh', ['sh', '-c', 'echo ESCAPED > ' + {N!r}], {{}})",
     "os.execv": "import os\nos.execv('/bin/sh', ['sh', '-c', 'echo ESCAPED'])",
     "kill another process": "import os\nos.kill({victim}, 9)",
+    "renice another process": "import os\nos.setpriority(os.PRIO_PROCESS, {victim}, 19)",
+    "renice a process group": "import os\nos.setpriority(os.PRIO_PGRP, {victim}, 19)",
     "ptrace another process": LIBC + "assert libc.ptrace(16, {victim}, 0, 0) >= 0, 'refused'",
     "raise the CPU limit": "import resource\nsoft, hard = resource.getrlimit(resource.RLIMIT_CPU)\n"
                            "resource.setrlimit(resource.RLIMIT_CPU, (hard, hard))",
     "unshare a user namespace": LIBC + "assert libc.unshare(0x10000000) >= 0, 'refused'",
+    "System V shared memory": LIBC + "assert libc.shmget(0, 4096, 0o1600) >= 0, 'refused'  # IPC_PRIVATE",
     "io_uring": LIBC + "assert libc.syscall({io_uring_setup}, 8, ctypes.create_string_buffer(120)) >= 0, 'refused'",
 }
+
+
+def _niceness(pid: int) -> tuple[int, int]:
+    return os.getpriority(os.PRIO_PROCESS, pid), os.getpriority(os.PRIO_PROCESS, 0)
 
 
 @pytest.fixture(scope="module")
 def world():
     """What the attempts aim at, created once: a process, a TCP and a UDP listener, a file in the stdlib."""
-    victim = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    victim = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True)
     tcp = socket.create_server(("127.0.0.1", 0))
     udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     udp.bind(("127.0.0.1", 0))
@@ -109,7 +116,7 @@ def world():
     except OSError:
         readable = None  # a system Python's stdlib this user cannot write: those attempts skip
     try:
-        yield {"victim": victim, "tcp": tcp, "udp": udp, "V": readable}
+        yield {"victim": victim, "tcp": tcp, "udp": udp, "V": readable, "nice": _niceness(victim.pid)}
     finally:
         victim.kill()
         victim.wait()
@@ -154,6 +161,7 @@ async def test_escape_fails_and_changes_nothing(name, layer, world, tmp_path, mo
         assert (stat.S_IMODE(now.st_mode), now.st_mtime_ns, now.st_ino) == \
                (stat.S_IMODE(v_stat.st_mode), v_stat.st_mtime_ns, v_stat.st_ino)
     assert world["victim"].poll() is None, "the other process was killed"
+    assert _niceness(world["victim"].pid) == world["nice"], "a process was reniced"
     with pytest.raises(BlockingIOError):
         world["tcp"].accept()[0].close()  # no connection ever arrived
     with pytest.raises(BlockingIOError):
