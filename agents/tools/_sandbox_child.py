@@ -185,20 +185,23 @@ def confine(tmp, read_only, abi_max=None, simulate_missing=None):
             raise OSError(e, f"{what}: {os.strerror(e)}")
         return result
 
-    def syscall(*args):
+    def syscall(*args):  # every argument a full register: variadic ints would leave the upper half unset
         return libc.syscall(*(ctypes.c_long(a) if isinstance(a, int) else a for a in args))
+
+    def prctl(*args):
+        return libc.prctl(*(ctypes.c_ulong(a) if isinstance(a, int) else a for a in args))
 
     machine = os.uname().machine
     if machine not in SYSCALLS:
         raise OSError(0, f"no seccomp syscall table for {machine}")
     # 1. capabilities: a root sandbox keeps none (no raw sockets, devices, rlimit raising, DAC bypass)
     for cap in range(64):
-        if libc.prctl(24, cap, 0, 0, 0) < 0 and ctypes.get_errno() == 22:  # PR_CAPBSET_DROP; EINVAL: past the last
+        if prctl(24, cap, 0, 0, 0) < 0 and ctypes.get_errno() == 22:  # PR_CAPBSET_DROP; EINVAL: past the last
             break
-    libc.prctl(47, 4, 0, 0, 0)  # PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL
+    prctl(47, 4, 0, 0, 0)  # PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL
     header = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, this process
     check(libc.capset(header, (ctypes.c_uint32 * 6)()), "capset")
-    check(libc.prctl(38, 1, 0, 0, 0), "PR_SET_NO_NEW_PRIVS")  # needed by both; nothing can gain privileges
+    check(prctl(38, 1, 0, 0, 0), "PR_SET_NO_NEW_PRIVS")  # needed by both; nothing can gain privileges
     # 2. Landlock: the filesystem, checked on every path however it is reached (dir fds, links, /proc)
     if simulate_missing == "landlock":
         raise OSError(38, "landlock_create_ruleset: Function not implemented (simulated)")
@@ -237,7 +240,7 @@ def confine(tmp, read_only, abi_max=None, simulate_missing=None):
     fprog = (ctypes.c_uint64 * 2)(len(prog), ctypes.addressof(filters))  # sock_fprog: len (padded), filter
     check(syscall(446, ruleset, 0), "landlock_restrict_self")
     os.close(ruleset)
-    check(libc.prctl(22, 2, fprog, 0, 0), "seccomp")  # PR_SET_SECCOMP, SECCOMP_MODE_FILTER
+    check(prctl(22, 2, fprog, 0, 0), "seccomp")  # PR_SET_SECCOMP, SECCOMP_MODE_FILTER
 
 
 def _make_hook(tmp, readable):

@@ -91,6 +91,7 @@ ESCAPES = {
     "ptrace another process": LIBC + "assert libc.ptrace(16, {victim}, 0, 0) >= 0, 'refused'",
     "raise the CPU limit": "import resource\nsoft, hard = resource.getrlimit(resource.RLIMIT_CPU)\n"
                            "resource.setrlimit(resource.RLIMIT_CPU, (hard, hard))",
+    "change user (capabilities are gone)": "import os\nos.setresuid(65534, 65534, 65534)",
     "unshare a user namespace": LIBC + "assert libc.unshare(0x10000000) >= 0, 'refused'",
     "System V shared memory": LIBC + "assert libc.shmget(0, 4096, 0o1600) >= 0, 'refused'  # IPC_PRIVATE",
     "io_uring": LIBC + "assert libc.syscall({io_uring_setup}, 8, ctypes.create_string_buffer(120)) >= 0, 'refused'",
