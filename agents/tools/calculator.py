@@ -24,7 +24,8 @@ __all__ = ["CalculatorError", "calculate", "calculator_tool", "FUNCTIONS", "CONS
 MAX_EXPRESSION_CHARS = 2000
 MAX_INT_BITS = 10_000          # ~3000 decimal digits
 MAX_FACTORIAL = 1000
-MAX_DEPTH = 60                 # nesting of the syntax tree
+MAX_DEPTH = 60                 # nesting: parentheses that hold an operation, unary signs, calls
+MAX_NODES = 2000               # operations, numbers and names in one expression
 
 
 class CalculatorError(ToolError):
@@ -128,8 +129,16 @@ def _eval(node: ast.AST, depth: int = 0) -> Any:
             raise CalculatorError(f"only numbers are allowed, not {node.value!r}")
         return _check_int(node.value)
     if isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
-        a, b = _eval(node.left, depth + 1), _eval(node.right, depth + 1)
-        return _check_int(_BINOPS[type(node.op)](a, b))
+        # a flat chain like 1 + 2 + ... + 1000 parses left-nested: walk its left spine in a loop, so only
+        # real nesting (a right operand holding an operation) counts as depth
+        spine = []
+        while isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
+            spine.append(node)
+            node = node.left
+        value = _eval(node, depth + 1)
+        for op_node in reversed(spine):
+            value = _check_int(_BINOPS[type(op_node.op)](value, _eval(op_node.right, depth + 1)))
+        return value
     if isinstance(node, ast.UnaryOp) and type(node.op) in _UNARY:
         return _UNARY[type(node.op)](_eval(node.operand, depth + 1))
     if isinstance(node, ast.Name):
@@ -183,6 +192,11 @@ def calculate(expression: str) -> str:
         tree = ast.parse(text, mode="eval")
     except SyntaxError as e:
         raise CalculatorError(f"{expression!r} is not a valid arithmetic expression ({e.msg})") from None
+    except (RecursionError, MemoryError):  # the parser's own nesting limit
+        raise CalculatorError("the expression is nested too deeply") from None
+    nodes = sum(isinstance(n, ast.expr) for n in ast.walk(tree))
+    if nodes > MAX_NODES:
+        raise CalculatorError(f"the expression has {nodes} parts; the limit is {MAX_NODES}")
     try:
         return _format(_eval(tree.body))
     except ZeroDivisionError:

@@ -8,12 +8,15 @@
 
 The index is duck-typed: `query(text: str, top_k: int)` returning hits with `.rank`, `.score`,
 `.source` and `.text` (hearth.agents.rag.RagIndex is one), so this module imports no index code.
+Passages and source names are neutralised as in the chat `rag` path (agents/quoting.py): a document
+cannot forge a turn marker or close the tool response through the agent path either.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from ..quoting import neutralise
 from .registry import Tool, ToolError
 
 __all__ = ["rag_search_tool", "format_hits"]
@@ -31,7 +34,8 @@ def format_hits(hits: list[Any], max_chars_per_hit: int = 1500) -> str:
         text = str(getattr(h, "text", "")).strip()
         if len(text) > max_chars_per_hit:
             text = text[:max_chars_per_hit] + " ..."
-        blocks.append(f"[{rank}] {getattr(h, 'source', '?')} (score {float(getattr(h, 'score', 0.0)):.2f})\n{text}")
+        source = neutralise(str(getattr(h, "source", "?"))).replace("\n", " ")
+        blocks.append(f"[{rank}] {source} (score {float(getattr(h, 'score', 0.0)):.2f})\n{neutralise(text)}")
     return "\n\n".join(blocks)
 
 

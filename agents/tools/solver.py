@@ -11,12 +11,25 @@ that refuses '__', attribute access, strings, brackets and keywords, so nothing 
 run as Python. Powers are bounded before anything is evaluated, so `x = 9**9**9` is refused at once.
 Equations are separated by ';', newlines or top-level commas; 'a = b' or 'a == b'; an expression
 without '=' means 'expression = 0'.
+
+sympy runs in a warm worker process (_solver_worker.py), one solve at a time per worker, at most
+MAX_WORKERS of them. A solve past SOLVE_TIMEOUT_S kills its worker's process group, so it really stops
+(a thread could not be stopped and kept burning a core); the next call starts a fresh worker. A warm
+call costs about a millisecond more than solving in-process.
 """
 
 from __future__ import annotations
 
+import atexit
+import json
 import keyword
+import os
 import re
+import signal
+import subprocess
+import sys
+import threading
+import time
 from tokenize import TokenError
 from typing import Any
 
@@ -25,13 +38,15 @@ from sympy.parsing.sympy_parser import auto_number, auto_symbol, convert_xor, im
 
 from .registry import Tool, ToolError
 
-__all__ = ["SolverError", "solve", "solve_equation_tool", "FUNCTIONS"]
+__all__ = ["SolverError", "solve", "solve_in_process", "solve_equation_tool", "FUNCTIONS"]
 
 MAX_CHARS = 1000
 MAX_EQUATIONS = 10
 MAX_EXPONENT = 1000          # degree / exponent bound for powers of unknowns
 MAX_RESULT_BITS = 100_000    # numeric powers bigger than this are refused
 MAX_OUTPUT_CHARS = 4000
+SOLVE_TIMEOUT_S = 15.0       # wall-clock time of one solve, then its worker process is killed
+MAX_WORKERS = 2              # solves running at once; more calls wait (inside their timeout)
 
 FUNCTIONS: dict[str, Any] = {
     "sqrt": sympy.sqrt, "cbrt": sympy.cbrt, "root": sympy.root, "exp": sympy.exp, "log": sympy.log,
@@ -150,8 +165,8 @@ def _format_value(value: sympy.Expr) -> str:
     return text
 
 
-def solve(equation: str, variables: list[str] | None = None) -> str:
-    """Solve one equation or a system; the solutions as text ("x = 2", "x = 6, y = 4", "no solution")."""
+def solve_in_process(equation: str, variables: list[str] | None = None) -> str:
+    """`solve` in this process, with no time limit (the worker process runs this)."""
     if not isinstance(equation, str) or not equation.strip():
         raise SolverError("give an equation, for example 2*x + 3 = 7")
     if len(equation) > MAX_CHARS:
@@ -199,6 +214,103 @@ def solve(equation: str, variables: list[str] | None = None) -> str:
     return text
 
 
+class _Worker:
+    """One worker process, in its own process group, answering one request at a time over pipes."""
+
+    def __init__(self):
+        self.proc = subprocess.Popen([sys.executable, "-I", "-m", "hearth.agents.tools._solver_worker"],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                     text=True, start_new_session=True)
+
+    def ask(self, request: dict, timeout_s: float) -> dict | None:
+        """The answer, or None if the worker did not answer in time (or died); then it is killed."""
+        self.proc.stdin.write(json.dumps(request) + "\n")
+        self.proc.stdin.flush()
+        answer: list[str] = []
+        reader = threading.Thread(target=lambda: answer.append(self.proc.stdout.readline()), daemon=True)
+        reader.start()
+        reader.join(timeout_s)
+        if not answer or not answer[0]:
+            self.kill()
+            reader.join(1.0)
+            return None
+        return json.loads(answer[0])
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.proc.wait()
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            try:
+                pipe.close()
+            except OSError:  # a broken pipe to a killed worker
+                pass
+
+
+class _Pool:
+    """Idle warm workers and a bound on busy ones."""
+
+    def __init__(self, size: int):
+        self._slots = threading.BoundedSemaphore(size)
+        self._idle: list[_Worker] = []
+        self._all: list[_Worker] = []
+        self._lock = threading.Lock()
+
+    def run(self, request: dict, timeout_s: float) -> dict | None:
+        deadline = time.monotonic() + timeout_s
+        if not self._slots.acquire(timeout=timeout_s):
+            return None
+        try:
+            with self._lock:
+                worker = self._idle.pop() if self._idle else None
+            if worker is None or not worker.alive():
+                worker = _Worker()
+                with self._lock:
+                    self._all = [w for w in self._all if w.alive()] + [worker]
+            answer = worker.ask(request, max(deadline - time.monotonic(), 0.01))
+            if answer is not None and worker.alive():
+                with self._lock:
+                    self._idle.append(worker)
+            return answer
+        finally:
+            self._slots.release()
+
+    def close(self) -> None:
+        with self._lock:
+            workers, self._all, self._idle = self._all, [], []
+        for w in workers:
+            w.kill()
+
+
+_pool = _Pool(MAX_WORKERS)
+atexit.register(_pool.close)
+
+
+def solve(equation: str, variables: list[str] | None = None, timeout_s: float = SOLVE_TIMEOUT_S) -> str:
+    """Solve one equation or a system; the solutions as text ("x = 2", "x = 6, y = 4", "no solution").
+    sympy runs in a worker process that is killed if it takes longer than timeout_s."""
+    if not isinstance(equation, str) or not equation.strip():
+        raise SolverError("give an equation, for example 2*x + 3 = 7")
+    if len(equation) > MAX_CHARS:
+        raise SolverError(f"the equation is too long ({len(equation)} characters, limit {MAX_CHARS})")
+    _check_text(equation)  # the cheap refusals need no worker
+    if variables is not None and not (isinstance(variables, list) and all(isinstance(v, str) for v in variables)):
+        raise SolverError("variables must be a list of names")
+    answer = _pool.run({"equation": equation, "variables": variables}, timeout_s)
+    if answer is None:
+        raise SolverError(f"solving took longer than {timeout_s:g} s and was stopped; try a simpler equation "
+                          "or fewer unknowns")
+    if not answer["ok"]:
+        raise SolverError(answer["error"])
+    return answer["text"]
+
+
 def solve_equation(equation: str, variables: list[str] | None = None) -> str:
     """Solve an equation or a system of equations exactly (sympy). Use ^ or ** for powers and
     functions like sqrt, exp, log, sin. Example: "2*x + 3 = 7", or "x + y = 10; x - y = 2" for a system.
@@ -210,5 +322,5 @@ def solve_equation(equation: str, variables: list[str] | None = None) -> str:
     return solve(equation, variables)
 
 
-solve_equation_tool = Tool.from_function(solve_equation, timeout_s=20.0)
+solve_equation_tool = Tool.from_function(solve_equation, timeout_s=SOLVE_TIMEOUT_S + 5.0)  # ours fires first
 solve_equation_tool.parameters["properties"]["equation"]["maxLength"] = MAX_CHARS
