@@ -365,10 +365,10 @@ def _llama_concurrency(engine, llm, pool: PromptPool, s: Settings, single: dict 
 
 
 def _chat_ids(engine, system: str, question: str) -> list[int]:
-    from hearth.runtime import GenerationRequest
+    from hearth.runtime import encode_chat
 
-    return engine.encode_request(GenerationRequest(messages=[
-        {"role": "system", "content": system}, {"role": "user", "content": question}]))
+    return encode_chat(engine.tokenizer, [
+        {"role": "system", "content": system}, {"role": "user", "content": question}])
 
 
 def _ttft(engine, ids: list[int]) -> Trace:

@@ -178,10 +178,10 @@ class Trace:
 
 
 async def engine_request(engine, messages: list[dict], max_tokens: int) -> Trace:
-    from hearth.runtime import GenerationRequest, SamplingParams
+    from hearth.runtime import PromptRequest, SamplingParams, to_generation_request
 
-    req = GenerationRequest(messages=messages, params=SamplingParams(max_tokens=max_tokens, temperature=0.0,
-                                                                     ignore_eos=True))
+    req = to_generation_request(engine.tokenizer, PromptRequest(
+        messages=messages, params=SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)))
     tr = Trace(time.perf_counter())
     try:
         async for out in engine.generate(req):

@@ -73,7 +73,7 @@ def _stream(engine, request) -> tuple[int, float]:
 
 
 def run_generate(args) -> int:
-    from hearth.runtime import GenerationRequest, InvalidRequestError
+    from hearth.runtime import InvalidRequestError, PromptRequest, to_generation_request
 
     if not args.prompt.strip():
         raise InvalidRequestError("the prompt is empty", param="prompt")
@@ -81,12 +81,12 @@ def run_generate(args) -> int:
     engine = _engine(args)
     try:
         if args.raw:
-            req = GenerationRequest(prompt=args.prompt, params=params)
+            req = PromptRequest(prompt=args.prompt, params=params)
         else:
             msgs = ([{"role": "system", "content": args.system}] if args.system else []) + \
                    [{"role": "user", "content": args.prompt}]
-            req = GenerationRequest(messages=msgs, params=params)
-        n, dt = _stream(engine, req)
+            req = PromptRequest(messages=msgs, params=params)
+        n, dt = _stream(engine, to_generation_request(engine.tokenizer, req))
         print(f"\n[{n} tokens, {n / dt:.1f} tok/s]", file=sys.stderr)
     finally:
         engine.shutdown()
@@ -94,7 +94,7 @@ def run_generate(args) -> int:
 
 
 def run_chat(args) -> int:
-    from hearth.runtime import GenerationRequest
+    from hearth.runtime import PromptRequest, to_generation_request
 
     params = _params(args)
     engine = _engine(args)
@@ -112,7 +112,7 @@ def run_chat(args) -> int:
                 history = history[:1] if args.system else []
                 continue
             history.append({"role": "user", "content": line})
-            req = GenerationRequest(messages=list(history), params=params)
+            req = to_generation_request(engine.tokenizer, PromptRequest(messages=list(history), params=params))
             sys.stdout.write("assistant> ")
             reply = []
             try:

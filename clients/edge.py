@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Callable, Iterator, TextIO
 
 from hearth.runtime import (ContextLengthExceeded, Engine, GenerationRequest, HearthError, InvalidRequestError,
-                            SamplingParams)
+                            PromptRequest, SamplingParams, encode_chat, to_generation_request)
 from hearth.runtime.registry import hearth_home
 
 from .edge_history import Conversation, HistoryError, HistoryStore
@@ -250,7 +250,7 @@ class EdgeChat:
     # ---- one answer ---------------------------------------------------------------------------
     def _encode(self, messages: list[dict]) -> int:
         try:
-            return len(self.engine.encode_request(GenerationRequest(messages=messages)))
+            return len(encode_chat(self.engine.tokenizer, messages))
         except ContextLengthExceeded as e:
             return e.prompt_tokens
 
@@ -272,7 +272,7 @@ class EdgeChat:
 
         def prefill() -> None:
             try:
-                ids = self.engine.encode_request(GenerationRequest(messages=messages, add_generation_prompt=False))
+                ids = encode_chat(self.engine.tokenizer, messages, add_generation_prompt=False)
                 if len(ids) <= self._prompt_budget():  # else the next prompt drops turns: no shared prefix
                     for _ in self.engine.stream_sync(GenerationRequest(prompt_token_ids=ids, params=params,
                                                                        request_id=request_id)):
@@ -285,6 +285,14 @@ class EdgeChat:
             thread.start()
         self._warm = (thread, request_id)
 
+    def stop_warm_up(self) -> None:
+        """Abort the background prefill and wait for its thread (before the engine shuts down)."""
+        if self._warm is not None:
+            thread, request_id = self._warm
+            self.engine.abort(request_id)
+            thread.join()
+            self._warm = None
+
     def ask(self, text: str) -> None:
         """Answer one message, streamed; Ctrl-C from here on stops the answer, not the program."""
         stop = _StopOnInterrupt(self.engine)
@@ -295,16 +303,21 @@ class EdgeChat:
         limit = self.engine.max_model_len
         trial = Conversation(self.conv.system, self.conv.messages + [{"role": "user", "content": text}])
         budget = self._prompt_budget()
-        n_prompt, dropped = fit_context(trial, self._encode, budget)
-        if n_prompt > max(budget, limit - MIN_REPLY_ROOM):  # too long even alone: change nothing
-            self.note(f"[that message takes {n_prompt} tokens and the context holds {limit}; "
-                      "shorten it or restart with a larger --ctx]")
+        try:
+            n_prompt, dropped = fit_context(trial, self._encode, budget)
+            if n_prompt > max(budget, limit - MIN_REPLY_ROOM):  # too long even alone: change nothing
+                self.note(f"[that message takes {n_prompt} tokens and the context holds {limit}; "
+                          "shorten it or restart with a larger --ctx]")
+                return
+            params = self.config.sampling(min(self.config.max_tokens, limit - n_prompt))
+            request = to_generation_request(self.engine.tokenizer,
+                                            PromptRequest(messages=trial.chat_messages(), params=params))
+        except InvalidRequestError as e:  # e.g. the chat template rejects these messages: nothing changes
+            self.note(f"[error: {e}]")
             return
         if dropped:
             self.note(f"[context full: dropped the {dropped} oldest messages to fit {limit} tokens]")
         self.conv.messages = trial.messages
-        params = self.config.sampling(min(self.config.max_tokens, limit - n_prompt))
-        request = GenerationRequest(messages=self.conv.chat_messages(), params=params)
         stop.request_ids.append(request.request_id)
         parts: list[str] = []
         t0 = time.monotonic()
@@ -385,6 +398,7 @@ def run_edge(config: EdgeConfig) -> int:
         backend_kw["n_threads"] = config.threads
     with _threads_ignore_ctrl_c():
         engine = Engine.from_model(config.model, backend="llamacpp", **backend_kw)
+    chat = None
     try:
         backend = engine.backend
         conv.model = Path(backend.model_path).name
@@ -399,4 +413,6 @@ def run_edge(config: EdgeConfig) -> int:
                   f"context){resumed}. /help for commands, Ctrl-D to quit. History: {store.path}")
         return chat.run()
     finally:
+        if chat is not None:
+            chat.stop_warm_up()  # it may be tokenizing: the model must outlive it
         engine.shutdown()

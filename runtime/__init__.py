@@ -7,6 +7,7 @@ edge app run without them. The transformers backend imports them when it is cons
 from .engine import Engine, EngineStats
 from .errors import (CapacityError, ContextLengthExceeded, EngineDeadError, HearthError, InvalidRequestError,
                      ModelLoadError, ModelNotFoundError, UnsafeCheckpointError, UnsupportedModelError)
+from .prompt import PromptRequest, encode_chat, encode_prompt, to_generation_request
 from .types import (CompletionResult, GenerationOutput, GenerationRequest, GuidedDecoding, SamplingParams,
                     TokenLogprob, Usage)
 
@@ -14,5 +15,5 @@ __all__ = [
     "Engine", "EngineStats", "GenerationRequest", "GenerationOutput", "CompletionResult", "SamplingParams",
     "GuidedDecoding", "TokenLogprob", "Usage", "HearthError", "InvalidRequestError", "ContextLengthExceeded",
     "ModelNotFoundError", "ModelLoadError", "UnsafeCheckpointError", "UnsupportedModelError",
-    "EngineDeadError", "CapacityError",
+    "EngineDeadError", "CapacityError", "PromptRequest", "encode_chat", "encode_prompt", "to_generation_request",
 ]

@@ -1,11 +1,12 @@
 """The engine: one loop that schedules, runs one batched forward, samples, detokenizes and stops.
 
     engine = Engine.from_model("smollm2-135m-instruct")          # GGUF -> llama.cpp backend
-    async for out in engine.generate(GenerationRequest(messages=[...])): print(out.text, end="")
-    engine.generate_sync(GenerationRequest(prompt="Hello"))      # blocking helper for scripts
+    req = to_generation_request(engine.tokenizer, PromptRequest(messages=[...]))   # runtime/prompt.py
+    async for out in engine.generate(req): print(out.text, end="")
+    engine.generate_sync(req)                                    # blocking helper for scripts
 
-The engine knows nothing about HTTP; it takes token ids (or text / chat messages it renders through
-the model's chat template) and returns `GenerationOutput`s. The loop runs on its own thread so the
+The engine knows nothing about HTTP or chat templates; it takes prompt token ids and returns
+`GenerationOutput`s. The loop runs on its own thread so the
 model's forward never blocks an event loop; results cross back with call_soon_threadsafe.
 """
 
@@ -139,11 +140,10 @@ class Engine:
             self._aborts.add(request_id)
             self._cv.notify()
 
-    def stream_sync(self, request: GenerationRequest, _ids: list[int] | None = None
-                    ) -> Iterator[GenerationOutput]:
+    def stream_sync(self, request: GenerationRequest) -> Iterator[GenerationOutput]:
         """Blocking iterator over a request's outputs, for scripts and the terminal chat."""
         q: queue.Queue = queue.Queue()
-        remaining = self._submit(request, q.put, _ids)
+        remaining = self._submit(request, q.put)
         try:
             while remaining:
                 item = _checked(q.get())
@@ -156,8 +156,8 @@ class Engine:
     def generate_sync(self, request: GenerationRequest) -> list[CompletionResult]:
         """Run a request to the end and return one result per choice (index order)."""
         results: dict[int, CompletionResult] = {}
-        prompt_ids = self.encode_request(request)
-        for out in self.stream_sync(request, prompt_ids):
+        prompt_ids = list(request.prompt_token_ids)
+        for out in self.stream_sync(request):
             r = results.setdefault(out.index, CompletionResult(
                 request.request_id, out.index, "", [], prompt_ids, None,
                 logprobs=[] if request.params.logprobs else None))
@@ -195,38 +195,28 @@ class Engine:
         decodes to the text `tokenizer.decode(ids)` gives. Special tokens give b"" (decode skips them)."""
         return [self.tokenizer.token_bytes(int(t)) for t in ids]
 
-    def encode_request(self, request: GenerationRequest) -> list[int]:
-        """The prompt token ids the request stands for (chat template applied), validated
-        (a guided request's grammar is compiled too, so a bad one fails here)."""
-        if request.params.guided is not None:
-            compiler_for(self.tokenizer).check(request.params.guided)
+    def check_prompt(self, request: GenerationRequest) -> None:
+        """Refuse a request the engine could never run: ids outside the vocabulary, a prompt that
+        leaves no room in the context, a guided grammar that does not compile."""
+        ids = request.prompt_token_ids
         tok = self.tokenizer
-        if request.prompt_token_ids is not None:
-            ids = list(request.prompt_token_ids)
-        elif request.prompt is not None:
-            ids = tok.encode(request.prompt, add_special_tokens=True)
-        else:
-            text = tok.apply_chat_template(request.messages, tools=request.tools,
-                                           add_generation_prompt=request.add_generation_prompt)
-            ids = tok.encode(text, add_special_tokens=False)
-        if not ids:
-            raise InvalidRequestError("the prompt is empty after tokenization", param="prompt")
-        bad = [t for t in ids if t >= tok.vocab_size]
-        if bad:
-            raise InvalidRequestError(f"token id {bad[0]} is outside the vocabulary (size {tok.vocab_size})",
+        bad = next((t for t in ids if t >= tok.vocab_size), None)
+        if bad is not None:
+            raise InvalidRequestError(f"token id {bad} is outside the vocabulary (size {tok.vocab_size})",
                                       param="prompt")
-        if len(ids) >= self.max_model_len and not (request.params.prompt_logprobs is not None
-                                                   and request.params.max_tokens == 0
-                                                   and len(ids) <= self.max_model_len):
+        p = request.params
+        scoring = p.prompt_logprobs is not None and p.max_tokens == 0
+        if len(ids) > self.max_model_len or (len(ids) == self.max_model_len and not scoring):
             raise ContextLengthExceeded(len(ids), self.max_model_len)
-        return ids
+        if p.guided is not None:
+            compiler_for(tok).check(p.guided)
 
     # ---- request intake (caller's thread) ---------------------------------------------------
-    def _submit(self, request: GenerationRequest, sink: Sink, ids: list[int] | None = None) -> int:
+    def _submit(self, request: GenerationRequest, sink: Sink) -> int:
         if self._dead is not None:
             raise EngineDeadError(f"the engine stopped: {self._dead!r}")
-        if ids is None:
-            ids = self.encode_request(request)
+        self.check_prompt(request)
+        ids = list(request.prompt_token_ids)
         p = request.params
         # one grammar matcher per choice, compiled here so a bad grammar fails before anything streams
         guides = compiler_for(self.tokenizer).matchers(p.guided, p.n) if p.guided is not None else [None] * p.n

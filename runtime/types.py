@@ -162,37 +162,27 @@ def _check_float(name: str, value: Any, lo: float, hi: float) -> None:
 
 @dataclass
 class GenerationRequest:
-    """One request to the engine: token ids, or text, or chat messages (+ tools) for the chat template."""
+    """One request to the engine: prompt token ids only (runtime/prompt.py turns text or chat
+    messages into ids, once, before a request reaches the engine)."""
 
-    prompt_token_ids: list[int] | None = None
-    prompt: str | None = None
-    messages: list[dict[str, Any]] | None = None
-    tools: list[dict[str, Any]] | None = None
+    prompt_token_ids: list[int]
     params: SamplingParams = field(default_factory=SamplingParams)
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
-    add_generation_prompt: bool = True
 
     def __post_init__(self) -> None:
-        given = [x is not None for x in (self.prompt_token_ids, self.prompt, self.messages)]
-        if sum(given) != 1:
-            raise InvalidRequestError(
-                "give exactly one of prompt_token_ids, prompt or messages", param="prompt")
-        if self.prompt_token_ids is not None:
-            if len(self.prompt_token_ids) == 0:
-                raise InvalidRequestError("the prompt is empty", param="prompt")
-            for t in self.prompt_token_ids:
-                if isinstance(t, bool) or not isinstance(t, int) or t < 0:
-                    raise InvalidRequestError(f"prompt token ids must be non-negative integers, got {t!r}",
-                                              param="prompt")
-        if self.prompt is not None and self.prompt == "":
-            raise InvalidRequestError("the prompt is empty", param="prompt")
-        if self.messages is not None:
-            if not self.messages:
-                raise InvalidRequestError("messages is empty", param="messages")
-            for i, m in enumerate(self.messages):
-                if not isinstance(m, dict) or "role" not in m:
-                    raise InvalidRequestError(f"messages[{i}] must be an object with a role",
-                                              param=f"messages[{i}]")
+        check_token_ids(self.prompt_token_ids)
+
+
+def check_token_ids(ids: Any, param: str = "prompt") -> None:
+    """A non-empty list of non-negative ints, or InvalidRequestError naming `param`."""
+    if not isinstance(ids, (list, tuple)):
+        raise InvalidRequestError("prompt token ids must be a list of integers", param=param)
+    if len(ids) == 0:
+        raise InvalidRequestError("the prompt is empty", param=param)
+    for t in ids:
+        if isinstance(t, bool) or not isinstance(t, int) or t < 0:
+            raise InvalidRequestError(f"prompt token ids must be non-negative integers, got {t!r}",
+                                      param=param)
 
 
 @dataclass

@@ -5,22 +5,28 @@ The same class runs in-process (`hearth serve --no-ray`, tests) and inside a Ray
 
     svc = ModelService(ModelConfig(name="smollm2-135m-instruct"))
     info = await svc.info()
-    async for item in svc.generate(GenerationRequest(messages=[...]), want_bytes=False):
+    async for item in svc.generate(PromptRequest(messages=[...]), want_bytes=False):
         ...   # first a Started, then one Chunk per engine output
 
-A bad request (context too long, bad schema) raises before the first item, so the app can still
-answer with a 4xx instead of a broken stream.
+The prompt is rendered and tokenized here, once (runtime/prompt.py), in a small bounded pool of
+worker threads, never on the event loop: a huge prompt costs a worker, not the server's
+responsiveness. The engine then sees token ids only. A bad request (context too long, bad schema)
+raises before the first item, so the app can still answer with a 4xx instead of a broken stream.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
 from hearth.runtime.engine import Engine, EngineStats
+from hearth.runtime.errors import CapacityError
+from hearth.runtime.prompt import PromptRequest, to_generation_request
 from hearth.runtime.types import GenerationOutput, GenerationRequest
 
 from .config import ModelConfig
@@ -28,6 +34,9 @@ from .config import ModelConfig
 log = logging.getLogger("hearth.serve")
 
 _CPU_DEFAULT_CONTEXT = 4096
+# Threads that render and tokenize prompts: tokenizers release the GIL, so a few run in parallel
+# with the event loop and the engine thread; more would only compete for the same cores.
+_PREP_WORKERS = max(1, min(4, (os.cpu_count() or 2) // 2))
 
 
 @dataclass
@@ -100,6 +109,8 @@ class ModelService:
             self.engine.tokenizer.chat_template = chat_template
         self.backend = backend
         self._lineage = _lineage(self.path)
+        self._prep = ThreadPoolExecutor(_PREP_WORKERS, thread_name_prefix=f"hearth-prep-{config.name}")
+        self._prep_slots = config.max_queued_requests  # prompts waiting for or in a worker
 
     async def info(self) -> ModelInfo:
         from hearth.runtime.guided import compiler_for
@@ -115,7 +126,23 @@ class ModelService:
                          tool_parser=family, tool_special_ids=special, default_sampling=dict(c.default_sampling),
                          created=self.created, path=str(self.path), lineage=self._lineage)
 
-    async def generate(self, request: GenerationRequest, want_bytes: bool = False, echo_bytes: bool = False,
+    async def prepare(self, request: PromptRequest) -> GenerationRequest:
+        """The engine request: the prompt rendered, tokenized and checked in the worker pool.
+        More prompts waiting than the queue allows get a 429 rather than an unbounded backlog."""
+        if self._prep_slots <= 0:
+            raise CapacityError("too many prompts are being prepared; retry shortly")
+        self._prep_slots -= 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._prep, self._prepare_sync, request)
+        finally:
+            self._prep_slots += 1
+
+    def _prepare_sync(self, request: PromptRequest) -> GenerationRequest:
+        req = to_generation_request(self.engine.tokenizer, request)
+        self.engine.check_prompt(req)
+        return req
+
+    async def generate(self, request: PromptRequest, want_bytes: bool = False, echo_bytes: bool = False,
                        interval_s: float | None = None) -> AsyncIterator[Started | Chunk]:
         """Stream a request: Started, then Chunks. Leaving the iterator early aborts the request.
 
@@ -125,10 +152,8 @@ class ModelService:
         if interval_s is None:
             interval_s = (self.config.stream_interval_ms or 0) / 1000
         engine = self.engine
-        ids = await asyncio.to_thread(engine.encode_request, request) if request.messages else \
-            engine.encode_request(request)
-        request = GenerationRequest(prompt_token_ids=ids, params=request.params,
-                                    request_id=request.request_id)
+        request = await self.prepare(request)
+        ids = request.prompt_token_ids
         prompt_bytes = engine.token_bytes(ids) if echo_bytes else None
         gen = engine.generate(request)
         try:
@@ -164,9 +189,10 @@ class ModelService:
         return self.engine.healthy
 
     async def tokenize(self, text: str) -> list[int]:
-        return self.engine.tokenizer.encode(text, add_special_tokens=False)
+        return self.engine.tokenizer.encode(text, add_special_tokens=False, parse_special=False)
 
     def shutdown(self) -> None:
+        self._prep.shutdown(wait=False, cancel_futures=True)
         self.engine.shutdown()
 
 

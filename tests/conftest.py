@@ -104,3 +104,10 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def prompt_request(engine, **kwargs):
+    """The engine request for a text prompt or chat messages (tokenized as serve does)."""
+    from hearth.runtime import PromptRequest, to_generation_request
+
+    return to_generation_request(engine.tokenizer, PromptRequest(**kwargs))

@@ -22,8 +22,15 @@ class Tokenizer(Protocol):
     eos_token: str
     chat_template: str | None
 
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """Text to ids; add_special_tokens adds BOS where the model expects one."""
+    special_tokens: dict[str, int]
+    """Text -> id of the control tokens (<|im_start|>, BOS, EOS ...): what parse_special matches."""
+
+    def encode(self, text: str, add_special_tokens: bool = True, parse_special: bool = True) -> list[int]:
+        """Text to ids; add_special_tokens adds BOS where the model expects one; parse_special=False
+        keeps control-token text as plain text. runtime/prompt.py is the one caller that matters."""
+
+    def wrap_special(self, ids: list[int]) -> list[int]:
+        """ids with what add_special_tokens=True puts around an encoded text (BOS ...)."""
 
     def decode(self, ids: Sequence[int]) -> str:
         """Ids to text, special tokens skipped. Must be the same function the detokenizer streams."""

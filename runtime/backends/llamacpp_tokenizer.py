@@ -13,6 +13,7 @@ streaming detokenizer knows to hold it back.
 from __future__ import annotations
 
 import ctypes
+import functools
 from typing import Sequence
 
 import llama_cpp
@@ -33,6 +34,7 @@ class LlamaCppTokenizer:
         self.bos_token_id: int = llama_cpp.llama_vocab_bos(v)  # -1 when the model has none
         self.eos_token_id: int = llama_cpp.llama_vocab_eos(v)
         self.add_bos: bool = bool(llama_cpp.llama_vocab_get_add_bos(v))
+        self._add_eos: bool = bool(llama_cpp.llama_vocab_get_add_eos(v))
         # Every end-of-generation id llama.cpp knows (eos, eot, <|im_end|>, <|eom_id|> ...).
         eog = {t for t in range(self.vocab_size) if llama_cpp.llama_vocab_is_eog(v, t)}
         eog |= {t for t in (self.eos_token_id, llama_cpp.llama_vocab_eot(v)) if t >= 0}
@@ -47,21 +49,45 @@ class LlamaCppTokenizer:
         self._pieces: dict[int, bytes] = {}  # token id -> bytes of its piece (special ones: b"")
 
     # ---- the Tokenizer protocol ---------------------------------------------------------------
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        data = text.encode("utf-8")
+    def encode(self, text: str, add_special_tokens: bool = True, parse_special: bool = True) -> list[int]:
+        """Text to ids. With parse_special, control-token text becomes its token; runtime/prompt.py
+        splits at control tokens itself (llama.cpp's own partitioning is quadratic in their count)."""
+        try:
+            data = text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise InvalidRequestError(f"the text has a lone surrogate at character {e.start}",
+                                      param="prompt") from None
         cap = len(data) + 8  # never more tokens than bytes, plus BOS/EOS
         buf = (llama_cpp.llama_token * cap)()
         n = llama_cpp.llama_tokenize(self._vocab, data, len(data), buf, cap,
-                                     add_special_tokens, True)
+                                     add_special_tokens, parse_special)
         if n < 0:  # buffer too small: -n is the size needed
             cap = -n
             buf = (llama_cpp.llama_token * cap)()
             n = llama_cpp.llama_tokenize(self._vocab, data, len(data), buf, cap,
-                                         add_special_tokens, True)
+                                         add_special_tokens, parse_special)
             if n < 0:
                 raise InvalidRequestError(f"could not tokenize the text ({len(data)} bytes)",
                                           param="prompt")
         return buf[:n]
+
+    @functools.cached_property
+    def special_tokens(self) -> dict[str, int]:
+        """Text -> id of every control token (what parse_special=False leaves as plain text)."""
+        out: dict[str, int] = {}
+        control = llama_cpp.LLAMA_TOKEN_ATTR_CONTROL
+        for t in range(self.vocab_size):
+            if llama_cpp.llama_vocab_get_attr(self._vocab, t) & control:
+                text = self._special_text(t)
+                if text and text not in out:
+                    out[text] = t
+        return out
+
+    def wrap_special(self, ids: list[int]) -> list[int]:
+        """ids with BOS (and EOS) where llama.cpp's tokenize(add_special=True) puts them."""
+        head = [self.bos_token_id] if self.add_bos and self.bos_token_id >= 0 else []
+        tail = [self.eos_token_id] if self._add_eos and self.eos_token_id >= 0 else []
+        return head + list(ids) + tail
 
     def decode(self, ids: Sequence[int]) -> str:
         data = b"".join(self.token_bytes(int(t)) for t in ids)

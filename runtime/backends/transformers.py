@@ -12,6 +12,8 @@ transformers' GPTQ integration (optimum + gptqmodel kernels; on CPU, any dtype: 
 
 from __future__ import annotations
 
+import functools
+
 import json
 import logging
 import os
@@ -55,8 +57,32 @@ class HFTokenizer:
         self._byte_mode: str | None = None  # found on first token_bytes (serializes the tokenizer)
         self._pieces: dict[int, bytes] = {}
 
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return list(self._tok.encode(text, add_special_tokens=add_special_tokens))
+    def encode(self, text: str, add_special_tokens: bool = True, parse_special: bool = True) -> list[int]:
+        return list(self._tok.encode(text, add_special_tokens=add_special_tokens,
+                                     split_special_tokens=not parse_special))
+
+    @functools.cached_property
+    def special_tokens(self) -> dict[str, int]:
+        """Text -> id of every special token (the ones split_special_tokens=True keeps as text)."""
+        out = {t: int(i) for t, i in zip(self._tok.all_special_tokens, self._tok.all_special_ids)}
+        for i, t in getattr(self._tok, "added_tokens_decoder", {}).items():
+            if t.special:
+                out[t.content] = int(i)
+        return {t: i for t, i in out.items() if t}
+
+    def wrap_special(self, ids: list[int]) -> list[int]:
+        """ids with what encode(add_special_tokens=True) puts around a text (BOS for LLaMA ...)."""
+        head, tail = self._around
+        return head + list(ids) + tail
+
+    @functools.cached_property
+    def _around(self) -> tuple[list[int], list[int]]:
+        bare = list(self._tok.encode("a", add_special_tokens=False))
+        full = list(self._tok.encode("a", add_special_tokens=True))
+        for i in range(len(full) - len(bare) + 1):
+            if full[i:i + len(bare)] == bare:
+                return full[:i], full[i + len(bare):]
+        return [], []
 
     def decode(self, ids: Sequence[int]) -> str:
         # no space clean-up: streamed text must never be rewritten once later tokens arrive

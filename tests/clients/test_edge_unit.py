@@ -138,22 +138,42 @@ def test_fit_context_keeps_the_last_message_even_if_too_long():
 
 
 # ---- the command loop over a fake engine -------------------------------------------------------
+class FakeTokenizer:
+    """One token per word and one per message; a user message "bad template" fails rendering."""
+
+    special_tokens: dict = {}
+
+    def __init__(self, engine: "FakeEngine"):
+        self.engine = engine
+
+    def apply_chat_template(self, messages, tools=None, add_generation_prompt=True) -> str:
+        self.engine.on_render(messages)
+        if messages and messages[-1]["content"] == "bad template":
+            raise InvalidRequestError("chat template: roles must alternate", param="messages")
+        return " ".join(f"<{m['role']}> {m['content']}" for m in messages)
+
+    def encode(self, text: str, add_special_tokens=True, parse_special=True) -> list[int]:
+        return list(range(len(text.split())))
+
+    def wrap_special(self, ids):
+        return ids
+
+
 class FakeEngine:
     """The slice of Engine the chat uses: one token per word, canned answers, abort."""
 
     def __init__(self, reply: str = "Paris is the capital.", max_model_len: int = 64):
         self.reply, self.max_model_len = reply, max_model_len
         self.requests, self.aborted = [], []
+        self.tokenizer = FakeTokenizer(self)
+        self.rendered: list[list[dict]] = []
 
-    def encode_request(self, request) -> list[int]:
-        n = words(request.messages) if request.messages else len(request.prompt_token_ids)
-        if n >= self.max_model_len:
-            raise ContextLengthExceeded(n, self.max_model_len)
-        return list(range(n))
+    def on_render(self, messages) -> None:
+        self.rendered.append([dict(m) for m in messages])
 
     def stream_sync(self, request):
-        if request.messages and request.messages[-1]["content"] == "bad template":
-            raise InvalidRequestError("chat template: roles must alternate", param="messages")
+        if len(request.prompt_token_ids) >= self.max_model_len:
+            raise ContextLengthExceeded(len(request.prompt_token_ids), self.max_model_len)
         self.requests.append(request)
         toks = self.reply.split(" ")
         for i, t in enumerate(toks):
@@ -221,7 +241,7 @@ def test_context_overflow_drops_turns_and_never_crashes(tmp_path, monkeypatch):
     assert rc == 0
     assert "[context full: dropped the 2 oldest messages to fit 40 tokens]" in err
     assert "[that message takes 61 tokens and the context holds 40;" in err
-    assert all(words(r.messages) <= 30 for r in engine.requests)  # 40 minus 10 tokens of answer room
+    assert all(len(r.prompt_token_ids) <= 30 for r in engine.requests)  # 40 minus 10 tokens of answer room
     # the long message was refused without touching the conversation
     assert [m["content"] for m in chat.conv.messages[-2:]] == ["question number 5 is here", "Paris is the capital."]
 
@@ -274,10 +294,10 @@ class SlowWarmUpEngine(FakeEngine):
         self.ctrl_c = ctrl_c
         self.asked, self.released, self.log = threading.Event(), threading.Event(), []
 
-    def encode_request(self, request):
-        if request.messages and request.messages[-1]["content"] == "the question":
+    def on_render(self, messages):
+        if messages and messages[-1]["content"] == "the question":
             self.asked.set()
-        return super().encode_request(request)
+        super().on_render(messages)
 
     def stream_sync(self, request):
         if not request.request_id.startswith("warm-up"):

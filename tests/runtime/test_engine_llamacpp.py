@@ -6,6 +6,8 @@ import asyncio
 
 import pytest
 
+from tests.conftest import prompt_request
+
 from hearth.runtime import Engine, GenerationRequest, SamplingParams
 
 QUESTIONS = [
@@ -44,7 +46,7 @@ def test_greedy_equals_llama_cpp_python(engine, smollm_gguf):
     ref = Llama(str(smollm_gguf), n_ctx=1024, n_threads=2, flash_attn=True, n_ubatch=63, verbose=False)
     try:
         for q in QUESTIONS[:3]:
-            ids = engine.encode_request(GenerationRequest(messages=chat(q)))
+            ids = (lambda r: r.prompt_token_ids)(prompt_request(engine, messages=chat(q)))
             ours = engine.generate_sync(GenerationRequest(prompt_token_ids=ids, params=greedy(24)))[0]
             theirs = ref.create_completion(ids, max_tokens=24, temperature=0.0, top_k=1, top_p=1.0,
                                            min_p=0.0, repeat_penalty=1.0)
@@ -56,10 +58,10 @@ def test_greedy_equals_llama_cpp_python(engine, smollm_gguf):
 
 def test_answers_sensibly(engine):
     helpful = "You are a helpful assistant."
-    out = engine.generate_sync(GenerationRequest(messages=chat(QUESTIONS[0], helpful), params=greedy(24)))[0]
+    out = engine.generate_sync(prompt_request(engine, messages=chat(QUESTIONS[0], helpful), params=greedy(24)))[0]
     assert "Paris" in out.text
     assert out.finish_reason == "stop"  # the model ends its turn by itself
-    out = engine.generate_sync(GenerationRequest(messages=chat("What is the capital of Germany?", helpful),
+    out = engine.generate_sync(prompt_request(engine, messages=chat("What is the capital of Germany?", helpful),
                                                  params=greedy(24)))[0]
     assert "Berlin" in out.text
 
@@ -68,13 +70,13 @@ def test_eight_concurrent_equal_alone(smollm_gguf):
     # a fresh engine: cells freed by earlier tests' evicted prefixes would change the KV layout
     engine = Engine.from_model(str(smollm_gguf), backend="llamacpp", n_ctx=4096, n_seq_max=16, n_threads=2,
                                batch_invariant=True)
-    alone = [engine.generate_sync(GenerationRequest(messages=chat(q), params=greedy(24)))[0].token_ids
+    alone = [engine.generate_sync(prompt_request(engine, messages=chat(q), params=greedy(24)))[0].token_ids
              for q in QUESTIONS]
 
     async def together():
         async def one(q):
             toks = []
-            async for out in engine.generate(GenerationRequest(messages=chat(q), params=greedy(24))):
+            async for out in engine.generate(prompt_request(engine, messages=chat(q), params=greedy(24))):
                 toks.extend(out.token_ids)
             return toks
         return await asyncio.gather(*(one(q) for q in QUESTIONS))
@@ -87,7 +89,7 @@ def test_eight_concurrent_equal_alone(smollm_gguf):
 
 
 def test_chinese_stream_never_breaks_a_character(engine):
-    req = GenerationRequest(messages=chat("请用中文介绍一下你自己。🙂"),
+    req = prompt_request(engine, messages=chat("请用中文介绍一下你自己。🙂"),
                             params=SamplingParams(max_tokens=48, temperature=0.8, seed=1))
     deltas = [out.text for out in engine.stream_sync(req)]
     assert all("\ufffd" not in d for d in deltas)
@@ -96,13 +98,13 @@ def test_chinese_stream_never_breaks_a_character(engine):
 
 def test_shared_system_prompt_hits_prefix_cache(engine, smollm_gguf):
     system = "You are a helpful assistant who answers in one short sentence. " * 20
-    engine.generate_sync(GenerationRequest(messages=chat("Hi!", system), params=greedy(4)))
-    warm = engine.generate_sync(GenerationRequest(messages=chat(QUESTIONS[1], system), params=greedy(16)))[0]
+    engine.generate_sync(prompt_request(engine, messages=chat("Hi!", system), params=greedy(4)))
+    warm = engine.generate_sync(prompt_request(engine, messages=chat(QUESTIONS[1], system), params=greedy(16)))[0]
     assert warm.usage.cached_tokens > 0.8 * warm.usage.prompt_tokens - 20
     cold_engine = Engine.from_model(str(smollm_gguf), backend="llamacpp", n_ctx=2048, n_threads=2,
                                     prefix_cache=False, batch_invariant=True)
     try:
-        cold = cold_engine.generate_sync(GenerationRequest(messages=chat(QUESTIONS[1], system),
+        cold = cold_engine.generate_sync(prompt_request(cold_engine, messages=chat(QUESTIONS[1], system),
                                                            params=greedy(16)))[0]
     finally:
         cold_engine.shutdown()
@@ -111,7 +113,7 @@ def test_shared_system_prompt_hits_prefix_cache(engine, smollm_gguf):
 
 
 def test_abort_frees_kv(engine):
-    req = GenerationRequest(messages=chat("Count from one to one hundred."), params=greedy(300))
+    req = prompt_request(engine, messages=chat("Count from one to one hundred."), params=greedy(300))
     seen = 0
     for out in engine.stream_sync(req):
         seen += 1
@@ -126,7 +128,7 @@ def test_abort_frees_kv(engine):
 
 def test_logprobs_and_seeded_sampling(engine):
     p = SamplingParams(max_tokens=12, temperature=0.9, seed=11, logprobs=True, top_logprobs=2)
-    a = engine.generate_sync(GenerationRequest(messages=chat(QUESTIONS[2]), params=p))[0]
-    b = engine.generate_sync(GenerationRequest(messages=chat(QUESTIONS[2]), params=p))[0]
+    a = engine.generate_sync(prompt_request(engine, messages=chat(QUESTIONS[2]), params=p))[0]
+    b = engine.generate_sync(prompt_request(engine, messages=chat(QUESTIONS[2]), params=p))[0]
     assert a.token_ids == b.token_ids
     assert all(lp.logprob <= 0 and len(lp.top) == 2 for lp in a.logprobs)

@@ -13,7 +13,7 @@ from hearth.runtime import (ContextLengthExceeded, Engine, GenerationRequest, In
                             SamplingParams)
 from hearth.runtime.backends.transformers import TransformersBackend
 
-from tests.conftest import build_tiny_model
+from tests.conftest import build_tiny_model, prompt_request
 
 PROMPTS = [
     "The quick brown fox",
@@ -84,12 +84,12 @@ def test_other_families_equal_hf(tmp_path, model_type):
 
 
 def test_concurrent_requests_equal_alone(engine):
-    alone = [engine.generate_sync(GenerationRequest(prompt=p, params=greedy(20)))[0].token_ids for p in PROMPTS]
+    alone = [engine.generate_sync(prompt_request(engine, prompt=p, params=greedy(20)))[0].token_ids for p in PROMPTS]
 
     async def run_all():
         async def one(p):
             toks = []
-            async for out in engine.generate(GenerationRequest(prompt=p, params=greedy(20))):
+            async for out in engine.generate(prompt_request(engine, prompt=p, params=greedy(20))):
                 toks.extend(out.token_ids)
             return toks
         return await asyncio.gather(*(one(p) for p in PROMPTS))
@@ -101,7 +101,7 @@ def test_concurrent_requests_equal_alone(engine):
 
 def test_chunked_prefill_and_tiny_kv_preemption_keep_outputs(tiny_llama, engine):
     long_prompt = " ".join(PROMPTS) * 2
-    ref = [engine.generate_sync(GenerationRequest(prompt=p, params=greedy(30)))[0].token_ids
+    ref = [engine.generate_sync(prompt_request(engine, prompt=p, params=greedy(30)))[0].token_ids
            for p in (long_prompt, *PROMPTS[:5])]
     # 16-token steps force chunked prefill; 20 blocks of KV (per token: 2 layers x K,V x 2 heads x 16
     # dims x 4 bytes) for ~27 blocks of demand force preemption and recompute
@@ -109,7 +109,7 @@ def test_chunked_prefill_and_tiny_kv_preemption_keep_outputs(tiny_llama, engine)
     try:
         results = [None] * 6
         def run(i, p):
-            results[i] = eng.generate_sync(GenerationRequest(prompt=p, params=greedy(30)))[0].token_ids
+            results[i] = eng.generate_sync(prompt_request(eng, prompt=p, params=greedy(30)))[0].token_ids
         threads = [threading.Thread(target=run, args=(i, p)) for i, p in enumerate((long_prompt, *PROMPTS[:5]))]
         for t in threads:
             t.start()
@@ -128,12 +128,12 @@ def test_prefix_cache_reuses_shared_system_prompt(tiny_llama):
     cold = make_engine(tiny_llama, kv_cache_gb=0.05, prefix_cache=False)
     try:
         msgs = lambda q: [{"role": "system", "content": system}, {"role": "user", "content": q}]
-        first = eng.generate_sync(GenerationRequest(messages=msgs("hello"), params=greedy(8)))[0]
-        second = eng.generate_sync(GenerationRequest(messages=msgs("lazy dog"), params=greedy(8)))[0]
+        first = eng.generate_sync(prompt_request(eng, messages=msgs("hello"), params=greedy(8)))[0]
+        second = eng.generate_sync(prompt_request(eng, messages=msgs("lazy dog"), params=greedy(8)))[0]
         assert first.usage.cached_tokens == 0
         assert second.usage.cached_tokens >= 16 * ((first.usage.prompt_tokens - 10) // 16) - 16
         assert second.usage.cached_tokens > 0
-        ref = cold.generate_sync(GenerationRequest(messages=msgs("lazy dog"), params=greedy(8)))[0]
+        ref = cold.generate_sync(prompt_request(cold, messages=msgs("lazy dog"), params=greedy(8)))[0]
         assert second.token_ids == ref.token_ids
         assert ref.usage.cached_tokens == 0
     finally:
@@ -143,17 +143,17 @@ def test_prefix_cache_reuses_shared_system_prompt(tiny_llama):
 
 def test_seeded_sampling_is_reproducible(engine):
     p = lambda seed: SamplingParams(max_tokens=20, temperature=1.0, seed=seed, ignore_eos=True)
-    a = engine.generate_sync(GenerationRequest(prompt="The quick", params=p(7)))[0].token_ids
-    b = engine.generate_sync(GenerationRequest(prompt="The quick", params=p(7)))[0].token_ids
-    c = engine.generate_sync(GenerationRequest(prompt="The quick", params=p(8)))[0].token_ids
+    a = engine.generate_sync(prompt_request(engine, prompt="The quick", params=p(7)))[0].token_ids
+    b = engine.generate_sync(prompt_request(engine, prompt="The quick", params=p(7)))[0].token_ids
+    c = engine.generate_sync(prompt_request(engine, prompt="The quick", params=p(8)))[0].token_ids
     assert a == b
     assert a != c
 
 
 def test_n_choices_are_independent_and_seeded(engine):
     params = SamplingParams(max_tokens=12, temperature=1.0, seed=3, n=3, ignore_eos=True)
-    res = engine.generate_sync(GenerationRequest(prompt="hearth serves", params=params))
-    again = engine.generate_sync(GenerationRequest(prompt="hearth serves", params=params))
+    res = engine.generate_sync(prompt_request(engine, prompt="hearth serves", params=params))
+    again = engine.generate_sync(prompt_request(engine, prompt="hearth serves", params=params))
     assert [r.index for r in res] == [0, 1, 2]
     assert [r.token_ids for r in res] == [r.token_ids for r in again]
     assert len({tuple(r.token_ids) for r in res}) > 1
@@ -162,10 +162,10 @@ def test_n_choices_are_independent_and_seeded(engine):
 def test_logit_bias_forces_and_bans(engine):
     ids = engine.tokenizer.encode("The quick")
     base = engine.generate_sync(GenerationRequest(prompt_token_ids=ids, params=greedy(8)))[0].token_ids
-    forced = engine.generate_sync(GenerationRequest(
+    forced = engine.generate_sync(prompt_request(engine,
         prompt_token_ids=ids, params=greedy(8, logit_bias={42: 100.0})))[0].token_ids
     assert forced == [42] * 8
-    banned = engine.generate_sync(GenerationRequest(
+    banned = engine.generate_sync(prompt_request(engine,
         prompt_token_ids=ids, params=greedy(8, logit_bias={base[0]: -100.0})))[0].token_ids
     assert banned[0] != base[0]
 
@@ -173,14 +173,14 @@ def test_logit_bias_forces_and_bans(engine):
 def test_frequency_penalty_reduces_repeats(engine):
     ids = engine.tokenizer.encode("lazy")
     plain = engine.generate_sync(GenerationRequest(prompt_token_ids=ids, params=greedy(40)))[0].token_ids
-    pen = engine.generate_sync(GenerationRequest(
+    pen = engine.generate_sync(prompt_request(engine,
         prompt_token_ids=ids, params=greedy(40, frequency_penalty=2.0)))[0].token_ids
     assert len(set(pen)) > len(set(plain))
 
 
 def test_logprobs_match_plain_forward(engine, hf_model):
     ids = engine.tokenizer.encode("The quick brown fox")
-    res = engine.generate_sync(GenerationRequest(
+    res = engine.generate_sync(prompt_request(engine,
         prompt_token_ids=ids, params=greedy(6, logprobs=True, top_logprobs=3, prompt_logprobs=2)))[0]
     full = ids + res.token_ids
     with torch.no_grad():
@@ -199,7 +199,7 @@ def test_logprobs_match_plain_forward(engine, hf_model):
 
 def test_echo_scoring_with_zero_max_tokens(engine):
     ids = engine.tokenizer.encode("The quick brown fox jumps")
-    res = engine.generate_sync(GenerationRequest(
+    res = engine.generate_sync(prompt_request(engine,
         prompt_token_ids=ids, params=SamplingParams(max_tokens=0, prompt_logprobs=0)))[0]
     assert res.token_ids == [] and res.finish_reason == "length"
     assert len(res.prompt_logprobs) == len(ids)
@@ -207,26 +207,26 @@ def test_echo_scoring_with_zero_max_tokens(engine):
 
 
 def test_stop_string_cuts_text(engine):
-    full = engine.generate_sync(GenerationRequest(prompt="The quick", params=greedy(30)))[0]
+    full = engine.generate_sync(prompt_request(engine, prompt="The quick", params=greedy(30)))[0]
     text = full.text
     assert len(text) > 6
     stop = text[3:6]
-    cut = engine.generate_sync(GenerationRequest(prompt="The quick", params=greedy(30, stop=[stop])))[0]
+    cut = engine.generate_sync(prompt_request(engine, prompt="The quick", params=greedy(30, stop=[stop])))[0]
     assert cut.finish_reason == "stop" and cut.stop_reason == stop
     assert cut.text == text[:text.index(stop)]
 
 
 def test_stop_token_id(engine):
-    full = engine.generate_sync(GenerationRequest(prompt="The quick", params=greedy(10)))[0]
+    full = engine.generate_sync(prompt_request(engine, prompt="The quick", params=greedy(10)))[0]
     tok = full.token_ids[4]
-    cut = engine.generate_sync(GenerationRequest(prompt="The quick", params=greedy(10, stop_token_ids=[tok])))[0]
+    cut = engine.generate_sync(prompt_request(engine, prompt="The quick", params=greedy(10, stop_token_ids=[tok])))[0]
     assert cut.finish_reason == "stop" and cut.stop_reason == tok
     assert cut.token_ids == full.token_ids[:full.token_ids.index(tok) + 1]
 
 
 def test_abort_mid_stream_frees_kv(engine):
     async def run():
-        req = GenerationRequest(prompt="The quick brown fox", params=greedy(200))
+        req = prompt_request(engine, prompt="The quick brown fox", params=greedy(200))
         got = 0
         async for out in engine.generate(req):
             got += 1
@@ -243,7 +243,7 @@ def test_abort_mid_stream_frees_kv(engine):
 
 
 def test_explicit_abort_reports_finish_reason(engine):
-    req = GenerationRequest(prompt="The quick brown fox", params=greedy(400))
+    req = prompt_request(engine, prompt="The quick brown fox", params=greedy(400))
     reasons = []
     for out in engine.stream_sync(req):
         if len(reasons) == 0:
@@ -255,7 +255,7 @@ def test_explicit_abort_reports_finish_reason(engine):
 
 def test_bad_input_errors(engine):
     with pytest.raises(InvalidRequestError, match="empty"):
-        GenerationRequest(prompt="")
+        prompt_request(engine, prompt="")
     with pytest.raises(InvalidRequestError, match="empty"):
         GenerationRequest(prompt_token_ids=[])
     with pytest.raises(InvalidRequestError) as e:
@@ -317,7 +317,7 @@ def test_scoring_request_preempted_mid_prefill_still_returns_prompt_logprobs(tin
     """A growing generation preempts an echo/scoring request halfway through its prompt: the
     recomputed prompt must still come back whole, with no sampled token."""
     scored = engine.tokenizer.encode(" ".join(PROMPTS))[:40]
-    ref = engine.generate_sync(GenerationRequest(
+    ref = engine.generate_sync(prompt_request(engine,
         prompt_token_ids=scored, params=SamplingParams(max_tokens=0, prompt_logprobs=0)))[0]
     # 5 blocks of 16 tokens; 4 tokens per step so the scoring prompt takes many steps to prefill
     eng = make_engine(tiny_llama, kv_cache_gb=80 * 512 / 2**30, max_num_batched_tokens=4)

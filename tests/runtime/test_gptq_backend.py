@@ -19,7 +19,7 @@ from hearth.runtime import Engine, GenerationRequest, ModelLoadError
 from hearth.runtime.backends.base import SeqWork
 from hearth.runtime.backends.transformers import TransformersBackend
 
-from tests.conftest import CORPUS, build_tiny_model
+from tests.conftest import CORPUS, build_tiny_model, prompt_request
 from tests.runtime.test_engine_transformers import PROMPTS, greedy, hf_greedy
 
 pytestmark = pytest.mark.slow  # importing gptqmodel and quantizing take ~20 s of a ~30 s module
@@ -161,12 +161,12 @@ def test_greedy_equals_hf_generate_of_the_same_model(engine):
 
 
 def test_concurrent_requests_equal_alone(engine):
-    alone = [engine.generate_sync(GenerationRequest(prompt=p, params=greedy(12)))[0].token_ids for p in PROMPTS]
+    alone = [engine.generate_sync(prompt_request(engine, prompt=p, params=greedy(12)))[0].token_ids for p in PROMPTS]
 
     async def run_all():
         async def one(p):
             toks = []
-            async for out in engine.generate(GenerationRequest(prompt=p, params=greedy(12))):
+            async for out in engine.generate(prompt_request(engine, prompt=p, params=greedy(12))):
                 toks.extend(out.token_ids)
             return toks
         return await asyncio.gather(*(one(p) for p in PROMPTS))

@@ -14,6 +14,8 @@ import jsonschema
 import numpy as np
 import pytest
 
+from tests.conftest import prompt_request
+
 from hearth.runtime import (Engine, GenerationRequest, GuidedDecoding, InvalidRequestError, SamplingParams)
 from hearth.runtime.backends.transformers import HFTokenizer, TransformersBackend
 from hearth.runtime.guided import apply_guidance, compiler_for, lark_json
@@ -102,14 +104,14 @@ def test_mask_goes_after_logit_bias_and_logprobs_stay_raw(engine):
 def test_json_schema_always_valid_tiny(engine):
     for seed in range(6):
         for temperature in (0.0, 1.0):
-            res = engine.generate_sync(GenerationRequest(prompt="The quick brown fox",
+            res = engine.generate_sync(prompt_request(engine, prompt="The quick brown fox",
                                                          params=schema_params(temperature, seed)))[0]
             assert_valid_pet(res)
 
 
 def test_json_object_regex_and_lark_tiny(engine):
     def run(guided, temperature=1.0, seed=0, prompt="hearth serves"):
-        return engine.generate_sync(GenerationRequest(prompt=prompt, params=SamplingParams(
+        return engine.generate_sync(prompt_request(engine, prompt=prompt, params=SamplingParams(
             max_tokens=256, temperature=temperature, seed=seed, guided=guided)))[0]
 
     obj = run({"kind": "json_object"}, temperature=0.0, prompt="Tea is")
@@ -136,9 +138,9 @@ def test_json_object_regex_and_lark_tiny(engine):
     {"kind": "lark", "spec": 'start: "a" %json{"type": "wrong"}'},
 ])
 def test_bad_grammar_is_a_request_error_before_any_output(engine, guided):
-    req = lambda: GenerationRequest(prompt="hi", params=SamplingParams(max_tokens=8, guided=guided))
+    req = lambda: prompt_request(engine, prompt="hi", params=SamplingParams(max_tokens=8, guided=guided))
     with pytest.raises(InvalidRequestError) as e:
-        engine.encode_request(req())
+        engine.check_prompt(req())
     assert e.value.param == "response_format" and "invalid" in str(e.value)
     with pytest.raises(InvalidRequestError):
         engine.generate_sync(req())
@@ -158,13 +160,13 @@ def test_grammar_cache_keeps_property_order(engine):
     props = list(PET_SCHEMA["properties"].items())
     reordered = {**PET_SCHEMA, "properties": dict(reversed(props)), "required": ["tags", "age", "kind", "name"]}
     for schema in (PET_SCHEMA, reordered):
-        res = engine.generate_sync(GenerationRequest(prompt="Tea is", params=SamplingParams(
+        res = engine.generate_sync(prompt_request(engine, prompt="Tea is", params=SamplingParams(
             max_tokens=256, temperature=0.0, guided=GuidedDecoding("json_schema", schema))))[0]
         assert list(json.loads(res.text)) == list(schema["properties"])
 
 
 def test_n2_choices_are_both_valid(engine):
-    res = engine.generate_sync(GenerationRequest(prompt="Tea is", params=schema_params(1.0, seed=5, n=2)))
+    res = engine.generate_sync(prompt_request(engine, prompt="Tea is", params=schema_params(1.0, seed=5, n=2)))
     assert [r.index for r in res] == [0, 1]
     for r in res:
         assert_valid_pet(r)
@@ -173,13 +175,13 @@ def test_n2_choices_are_both_valid(engine):
 
 def test_constrained_and_unconstrained_in_one_batch(engine):
     plain = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
-    alone = engine.generate_sync(GenerationRequest(prompt="The quick brown fox", params=plain))[0].token_ids
-    alone_json = engine.generate_sync(GenerationRequest(prompt="lazy dog", params=schema_params()))[0].token_ids
+    alone = engine.generate_sync(prompt_request(engine, prompt="The quick brown fox", params=plain))[0].token_ids
+    alone_json = engine.generate_sync(prompt_request(engine, prompt="lazy dog", params=schema_params()))[0].token_ids
 
     async def together():
         async def one(prompt, params):
             toks = []
-            async for out in engine.generate(GenerationRequest(prompt=prompt, params=params)):
+            async for out in engine.generate(prompt_request(engine, prompt=prompt, params=params)):
                 toks.extend(out.token_ids)
             return toks
         return await asyncio.gather(one("The quick brown fox", plain), one("lazy dog", schema_params()),
@@ -187,12 +189,12 @@ def test_constrained_and_unconstrained_in_one_batch(engine):
     t_plain, t_json, t_json2 = asyncio.run(together())
     assert t_plain == alone
     assert t_json == alone_json
-    assert_valid_pet(engine.generate_sync(GenerationRequest(prompt="hearth serves",
+    assert_valid_pet(engine.generate_sync(prompt_request(engine, prompt="hearth serves",
                                                             params=schema_params(1.0, seed=2)))[0])
 
 
 def test_ignore_eos_still_ends_when_the_grammar_is_done(engine):
-    res = engine.generate_sync(GenerationRequest(prompt="hi", params=SamplingParams(
+    res = engine.generate_sync(prompt_request(engine, prompt="hi", params=SamplingParams(
         max_tokens=50, temperature=0.0, ignore_eos=True, guided={"kind": "regex", "spec": "[0-9]{4}"})))[0]
     assert res.finish_reason == "stop" and re.fullmatch("[0-9]{4}", res.text)
     assert res.token_ids[-1] in engine.tokenizer.eos_token_ids
@@ -203,7 +205,7 @@ def test_preemption_and_recompute_keep_guided_outputs(tiny_llama, engine):
     params = [schema_params(0.0), schema_params(1.0, seed=1), schema_params(0.0),
               schema_params(1.0, seed=3), schema_params(0.0), SamplingParams(max_tokens=40, temperature=0.0,
                                                                               ignore_eos=True)]
-    ref = [engine.generate_sync(GenerationRequest(prompt=p, params=q))[0] for p, q in zip(prompts, params)]
+    ref = [engine.generate_sync(prompt_request(engine, prompt=p, params=q))[0] for p, q in zip(prompts, params)]
     # 12 blocks of 16 tokens for ~25 blocks of demand, 16-token steps: preemption and chunked prefill
     eng = Engine(TransformersBackend(tiny_llama, dtype="float32", device="cpu",
                                      kv_cache_gb=12 * 16 * 2 * 2 * 2 * 16 * 4 / 2**30),
@@ -212,7 +214,7 @@ def test_preemption_and_recompute_keep_guided_outputs(tiny_llama, engine):
         results = [None] * len(prompts)
 
         def run(i):
-            results[i] = eng.generate_sync(GenerationRequest(prompt=prompts[i], params=params[i]))[0]
+            results[i] = eng.generate_sync(prompt_request(eng, prompt=prompts[i], params=params[i]))[0]
         threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
         for t in threads:
             t.start()
@@ -237,13 +239,13 @@ def test_failed_matcher_finishes_with_stop_and_engine_lives(engine, monkeypatch,
         return guides
     monkeypatch.setattr(compiler, "matchers", broken)
     with caplog.at_level(logging.WARNING, logger="hearth.engine"):
-        res = engine.generate_sync(GenerationRequest(prompt="hi", params=SamplingParams(
+        res = engine.generate_sync(prompt_request(engine, prompt="hi", params=SamplingParams(
             max_tokens=20, temperature=1.0, guided={"kind": "regex", "spec": "[0-9]+"})))[0]
     assert res.finish_reason == "stop" and res.text == ""
     assert "guided decoding" in caplog.text
     monkeypatch.undo()
     assert engine.healthy
-    assert_valid_pet(engine.generate_sync(GenerationRequest(prompt="hi", params=schema_params()))[0])
+    assert_valid_pet(engine.generate_sync(prompt_request(engine, prompt="hi", params=schema_params()))[0])
 
 
 # ---- token_bytes ------------------------------------------------------------------------------------
@@ -292,7 +294,7 @@ def test_json_schema_always_valid_gguf(gguf_engine):
     outs = []
     for seed in range(8):
         for temperature in ((0.0, 1.0) if seed < 2 else (1.0,)):
-            res = gguf_engine.generate_sync(GenerationRequest(messages=PET_MESSAGES,
+            res = gguf_engine.generate_sync(prompt_request(gguf_engine, messages=PET_MESSAGES,
                                                               params=schema_params(temperature, seed)))[0]
             assert_valid_pet(res)
             outs.append(res.text)
@@ -303,7 +305,7 @@ def test_json_schema_always_valid_gguf(gguf_engine):
 def test_json_object_regex_and_lark_gguf(gguf_engine):
     for seed, temperature in ((0, 0.0), (1, 1.0), (2, 1.0)):
         def run(guided, content):
-            return gguf_engine.generate_sync(GenerationRequest(
+            return gguf_engine.generate_sync(prompt_request(gguf_engine,
                 messages=[{"role": "user", "content": content}],
                 params=SamplingParams(max_tokens=200, temperature=temperature, seed=seed, guided=guided)))[0]
         # any object: nothing bounds its numbers or nesting, so a prompt that asks for a small one
@@ -319,24 +321,24 @@ def test_json_object_regex_and_lark_gguf(gguf_engine):
 @pytest.mark.slow
 def test_bad_schema_errors_gguf(gguf_engine):
     with pytest.raises(InvalidRequestError) as e:
-        gguf_engine.generate_sync(GenerationRequest(messages=PET_MESSAGES, params=SamplingParams(
+        gguf_engine.generate_sync(prompt_request(gguf_engine, messages=PET_MESSAGES, params=SamplingParams(
             guided={"kind": "json_schema", "spec": {"type": "object", "properties": {"a": {"type": 5}}}})))
     assert e.value.param == "response_format"
 
 
 @pytest.mark.slow
 def test_n2_and_mixed_batch_gguf(gguf_engine):
-    res = gguf_engine.generate_sync(GenerationRequest(messages=PET_MESSAGES, params=schema_params(1.0, 4, n=2)))
+    res = gguf_engine.generate_sync(prompt_request(gguf_engine, messages=PET_MESSAGES, params=schema_params(1.0, 4, n=2)))
     for r in res:
         assert_valid_pet(r)
     plain = SamplingParams(max_tokens=24, temperature=0.0)
     question = [{"role": "user", "content": "What is the capital of France?"}]
-    alone = gguf_engine.generate_sync(GenerationRequest(messages=question, params=plain))[0].token_ids
+    alone = gguf_engine.generate_sync(prompt_request(gguf_engine, messages=question, params=plain))[0].token_ids
 
     async def together():
         async def one(messages, params):
             toks = []
-            async for out in gguf_engine.generate(GenerationRequest(messages=messages, params=params)):
+            async for out in gguf_engine.generate(prompt_request(gguf_engine, messages=messages, params=params)):
                 toks.extend(out.token_ids)
             return toks
         return await asyncio.gather(one(question, plain), one(PET_MESSAGES, schema_params()))
@@ -370,7 +372,7 @@ def test_hf_logits_wider_than_tokenizer_are_masked(tmp_path):
     eng.backend.forward = favour_padding
     try:
         for seed in range(2):
-            res = eng.generate_sync(GenerationRequest(prompt="The quick", params=schema_params(1.0, seed)))[0]
+            res = eng.generate_sync(prompt_request(eng, prompt="The quick", params=schema_params(1.0, seed)))[0]
             assert_valid_pet(res)
             assert max(res.token_ids) < 400
     finally:

@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import prompt_request
 import torch
 
 from hearth.runtime.checkpoint import content_hash, read_manifest
@@ -107,7 +109,7 @@ def test_full_sft_learns_a_small_set_and_serves_in_the_runtime(tiny_llama, qa_da
 
     engine = Engine.from_model(out, backend="transformers", kv_cache_gb=0.01)
     try:
-        [res] = engine.generate_sync(GenerationRequest(messages=[{"role": "user", "content": QUESTIONS[10]}],
+        [res] = engine.generate_sync(prompt_request(engine, messages=[{"role": "user", "content": QUESTIONS[10]}],
                                                        params=SamplingParams(max_tokens=12, temperature=0)))
     finally:
         engine.shutdown()
