@@ -3,6 +3,7 @@
     hearth bench engine --json out.json [--threads 2] [--quick] [--backends llamacpp,transformers]
     hearth bench serve --json out.json [--mode both|no-ray|ray] [--concurrency 1,4,16,32] [--max-tokens 64]
     hearth bench hangups --json out.json [--variants no-ray,ray,ray-splice,ray-python-proxy] [--streams 1,20]
+    hearth bench hostile --json out.json [--layouts no-ray,ray] [--attacks special_prompt,slowloris,...]
     hearth bench quantize --json out.json --png out.png [--quick] [--only NAME ...]
     hearth bench train --json out.json [--steps 4] [--methods full,lora,qlora]
     hearth bench edge --json out.json [--runs 3]
@@ -29,6 +30,8 @@ BENCHMARKS = {
                           "inter-token latency per concurrency level"),
     "hangups": ("hangups.py", "clients that leave mid-stream: how soon the server stops decoding for them, "
                               "per proxy layout"),
+    "hostile": ("hostile.py", "hostile requests (huge prompts and bodies, template bombs, slowloris) while a normal "
+                              "client streams: its latency, /health, RSS and errors against a quiet baseline"),
     "quantize": ("quantize.py", "quality of the default model's int8 / GPTQ / GGUF artifacts against fp32: "
                                 "perplexity, KL, agreement, size"),
     "train": ("train.py", "SFT full vs LoRA vs QLoRA on the default model: training tokens/s and peak memory"),
