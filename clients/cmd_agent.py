@@ -104,6 +104,13 @@ async def _run(args: argparse.Namespace, base_url: str, model_name: str) -> int:
 
 
 def run_agent(args: argparse.Namespace) -> int:
+    if args.sandbox:
+        from hearth.agents.tools import sandbox_unavailable_reason
+
+        reason = sandbox_unavailable_reason()
+        if reason:  # before any model loads: the sandbox cannot be offered on this machine
+            print(f"hearth: error: --sandbox: {reason}", file=sys.stderr)
+            return 2
     if args.url:
         if not args.model:
             print("hearth: error: --model is required with --url", file=sys.stderr)

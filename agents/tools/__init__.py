@@ -16,7 +16,8 @@ from .calculator import CalculatorError, calculate, calculator_tool
 from .clock import current_datetime, current_datetime_tool
 from .rag_search import format_hits, rag_search_tool
 from .registry import Tool, ToolError, ToolRegistry, ToolResult, parse_arguments, tool
-from .sandbox import SandboxLimits, SandboxResult, python_sandbox_tool, run_python
+from .sandbox import (SandboxLimits, SandboxResult, SandboxUnavailable, python_sandbox_tool, run_python,
+                      sandbox_unavailable_reason)
 from .schema import ArgumentError, function_schema, validate_arguments
 from .solver import SolverError, solve, solve_equation_tool
 
@@ -24,7 +25,8 @@ __all__ = ["Tool", "ToolError", "ToolRegistry", "ToolResult", "tool", "parse_arg
            "ArgumentError", "function_schema", "validate_arguments",
            "calculator_tool", "calculate", "CalculatorError", "solve_equation_tool", "solve", "SolverError",
            "current_datetime_tool", "current_datetime", "rag_search_tool", "format_hits",
-           "python_sandbox_tool", "run_python", "SandboxLimits", "SandboxResult", "BUILTIN_TOOLS"]
+           "python_sandbox_tool", "run_python", "SandboxLimits", "SandboxResult", "SandboxUnavailable",
+           "sandbox_unavailable_reason", "BUILTIN_TOOLS"]
 
 BUILTIN_TOOLS = ("calculator", "solve_equation", "current_datetime")
 """Always registered by default_registry; rag_search needs an index, python needs sandbox=True."""

@@ -53,3 +53,15 @@ def test_agent_run_streams_steps_and_reports_budget_stops(tmp_path):
     bad = _hearth("agent", "run", "x", "--tools", "no_such_tool", "--url", "http://127.0.0.1:9/v1", "--model", "m",
                   cwd=tmp_path)
     assert bad.returncode == 2 and "no_such_tool" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_sandbox_flag_is_refused_in_one_line_where_the_kernel_cannot_confine(monkeypatch, capsys):
+    import hearth.agents.tools as tools
+    from hearth.clients.cli import main
+
+    monkeypatch.setattr(tools, "sandbox_unavailable_reason", lambda: "this kernel has no Landlock")
+    rc = main(["agent", "run", "2+2?", "--strategy", "tools", "--sandbox", "--url", "http://127.0.0.1:9",
+               "--model", "m"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err.strip() == "hearth: error: --sandbox: this kernel has no Landlock"
