@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import math
 import os
 import platform
 import secrets
@@ -39,6 +37,8 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
+
+from hearth.clients.cmd_bench import output_problem, write_json
 
 STRATEGIES = ("plain", "cot", "self_consistency", "tools")  # names run_strategy knows
 # not a strategy of run_strategy: the tool loop with its first call forced to a tool (tool_choice "required",
@@ -421,6 +421,10 @@ def run(args: argparse.Namespace) -> int:
     if args.url is None and args.model is not None:
         print("bench agents: --model names a model of --url; without --url use --model-path", file=sys.stderr)
         return 2
+    problem = output_problem(args.json)
+    if problem:
+        print(f"bench agents: {problem}", file=sys.stderr)
+        return 2
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     meta: dict[str, Any] = {"command": command_line(args), "argv": list(sys.argv), "settings": asdict(s),
@@ -443,9 +447,7 @@ def run(args: argparse.Namespace) -> int:
     results = {"meta": meta, **res}
     print(format_report(results))
     if args.json:
-        Path(args.json).write_text(json.dumps(_finite(results), indent=2, ensure_ascii=False, default=str) + "\n",
-                                   encoding="utf-8")
-        _say(f"wrote {args.json}")
+        write_json(args.json, results, _say)
     errors = [r for r in results["word_problems"]["items"] + (results.get("tool_selection") or {}).get("items", [])
               if r["error"]]
     for r in errors[:5]:
@@ -477,17 +479,6 @@ async def _run_all(ep: dict[str, str], problems: list, prompts: list, s: Setting
     finally:
         bar.close()
         await model.close()
-
-
-def _finite(obj: Any) -> Any:
-    """JSON without NaN: NaN becomes null."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {str(k): _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj
 
 
 def main(argv: list[str] | None = None) -> int:

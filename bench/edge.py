@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import fcntl
-import json
 import os
 import platform
 import pty
@@ -33,6 +32,8 @@ import tempfile
 import termios
 import time
 from pathlib import Path
+
+from hearth.clients.cmd_bench import output_problem, write_json
 
 TARGETS = {"start_to_first_token_s": 2.0, "peak_rss_mb": 400.0}
 STATS_LINE = re.compile(r"\[(?:[a-z ]+: )?(\d+) tokens(?:, ([\d.]+) tok/s, first token ([\d.]+) s)?\]")
@@ -212,6 +213,10 @@ def run(args: argparse.Namespace) -> int:
     if args.runs < 1 or args.max_tokens < 1:
         print("hearth: error: --runs and --max-tokens must be at least 1", file=sys.stderr)
         return 2
+    problem = output_problem(args.json)
+    if problem:
+        print(f"hearth: error: {problem}", file=sys.stderr)
+        return 2
     runs = []
     with tempfile.TemporaryDirectory(prefix="hearth-bench-edge-") as tmp:
         for i in range(args.runs):
@@ -231,7 +236,7 @@ def run(args: argparse.Namespace) -> int:
                           "loadavg_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None},
               "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        write_json(args.json, result)
     return 0
 
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
-import json
 import os
 import platform
 import statistics
@@ -38,6 +37,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is a folder of scripts, not a package
 from engine_report import format_report, targets  # noqa: E402
+
+from hearth.clients.cmd_bench import output_problem, write_json
 
 BACKENDS = ("llamacpp", "transformers")
 FLASH_ATTN = {"auto": None, "on": True, "off": False}  # --flash-attn -> LlamaCppBackend(flash_attn=...)
@@ -629,6 +630,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"bench engine: --backends takes a comma-separated subset of {','.join(BACKENDS)}; "
               f"got {args.backends!r}", file=sys.stderr)
         return 2
+    problem = output_problem(args.json)
+    if problem:
+        print(f"bench engine: {problem}", file=sys.stderr)
+        return 2
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     s = (Settings.quick(args.threads, args.flash_attn) if args.quick
@@ -648,8 +653,7 @@ def run(args: argparse.Namespace) -> int:
     results["meta"]["loadavg_end"] = _loadavg()
     print(format_report(results))
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
-        _say(f"wrote {args.json}")
+        write_json(args.json, results, _say)
     failed = any(bres.get("errors") for bres in results["backends"].values())
     return 1 if failed else 0
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import re
 import statistics
@@ -35,6 +34,8 @@ import time
 from functools import cache
 from pathlib import Path
 from unittest import mock
+
+from hearth.clients.cmd_bench import output_problem, write_json
 
 VARIANTS = ("no-ray", "ray", "ray-splice", "ray-python-proxy")
 MODEL = "smollm2-135m-instruct"
@@ -207,6 +208,10 @@ def run(args: argparse.Namespace) -> int:
         print("bench hangups: --streams takes integers 1-32 (the server's max_num_seqs) and --repeats >= 1",
               file=sys.stderr)
         return 2
+    problem = output_problem(args.json)
+    if problem:
+        print(f"bench hangups: {problem}", file=sys.stderr)
+        return 2
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     results: dict = {"settings": {"variants": variants, "streams": streams, "repeats": args.repeats},
                      "meta": {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "argv": list(sys.argv),
@@ -220,8 +225,7 @@ def run(args: argparse.Namespace) -> int:
                 results["variants"].append({"variant": v, "error": f"{type(e).__name__}: {e}"})
     print(format_report(results))
     if args.json:
-        Path(args.json).write_text(json.dumps(_serve_bench()._finite(results), indent=2) + "\n")
-        _say(f"wrote {args.json}")
+        write_json(args.json, results, _say)
     return 1 if any("error" in r for r in results["variants"]) else 0
 
 

@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+from hearth.clients.cmd_bench import write_json
+
 MiB = 2**20
 
 
@@ -148,11 +150,8 @@ def main(argv: list[str] | None = None) -> int:
             diff = (plan_b - meas_b) / meas_b * 100 if meas_b > 0 else float("nan")
             print(f"{setting:>12} {key:>12} {plan_b / MiB:9.1f} {meas_b / MiB:9.1f} {diff:+6.1f}%")
             setting = ""
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"model": str(model_dir), "quant": "fp32", "device": "cpu",
-                               "results": results}, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_json(args.json, {"model": str(model_dir), "quant": "fp32", "device": "cpu", "results": results},
+               print)
     return 0
 
 

@@ -15,11 +15,12 @@ parent with the same settings are reused (pass --force to rebuild); build times 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
 from pathlib import Path
+
+from hearth.clients.cmd_bench import output_problem, write_json
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "quantize" / "recipes" / "smollm2.yaml"
@@ -67,6 +68,11 @@ def run(args: argparse.Namespace) -> int:
     from hearth.quantize.common import QualityGateError
     from hearth.quantize.recipe import load_recipe, run_recipe
 
+    for flag, path in (("--json", args.json), ("--png", args.png)):
+        problem = output_problem(path, flag)
+        if problem:
+            print(f"bench quantize: {problem}", file=sys.stderr)
+            return 2
     recipe = load_recipe(RECIPE)
     recipe.output_dir = str(Path(args.out).resolve())
     recipe.quick = args.quick
@@ -93,8 +99,7 @@ def run(args: argparse.Namespace) -> int:
         data = {"command": cmd, "recipe": str(RECIPE.relative_to(REPO)), "quick": args.quick,
                 "reports": [dict(r.to_dict(), size_vs_f16=_f16_ratio(r)) for r in reps],
                 "table": table(reps)}
-        Path(args.json).write_text(json.dumps(data, indent=2, default=str) + "\n")
-        print(f"wrote {args.json}", file=sys.stderr)
+        write_json(args.json, data)
     return 0
 
 

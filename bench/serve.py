@@ -30,7 +30,6 @@ import argparse
 import asyncio
 import gc
 import json
-import math
 import os
 import platform
 import resource
@@ -50,6 +49,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is a folder of scripts, not a package
 from serve_report import compare, format_report, targets  # noqa: E402
+
+from hearth.clients.cmd_bench import finite, output_problem, write_json
 
 MODES = ("no-ray", "ray")
 LEVELS = (1, 4, 16, 32)
@@ -616,6 +617,10 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"bench serve: {e}", file=sys.stderr)
         return 2
+    problem = output_problem(args.json)
+    if problem:
+        print(f"bench serve: {problem}", file=sys.stderr)
+        return 2
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     results: dict = {"meta": _meta(s), "settings": asdict(s), "phases": [], "errors": {}}
@@ -642,8 +647,7 @@ def run(args: argparse.Namespace) -> int:
     results["meta"]["loadavg_end"] = _loadavg()
     print(format_report(results))
     if args.json:
-        Path(args.json).write_text(json.dumps(_finite(results), indent=2) + "\n")
-        _say(f"wrote {args.json}")
+        write_json(args.json, results, _say)
     failed = bool(results["errors"]) or any(r["errors"] for p in results["phases"] for r in p["levels"])
     return 1 if failed else 0
 
@@ -661,15 +665,7 @@ def _phase(results: dict, name: str, fn) -> None:
         _say(f"FAILED {name}: {type(e).__name__}: {e}")
 
 
-def _finite(obj):
-    """JSON without NaN (which is not JSON): NaN becomes null."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {str(k): _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj
+_finite = finite  # JSON without NaN; bench/hostile.py reads it from here
 
 
 def _loadavg() -> list[float] | None:

@@ -23,6 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from hearth.clients.cmd_bench import output_problem, write_json
+
 REPO = Path(__file__).resolve().parents[1]
 METHODS = ("full", "lora", "qlora")
 
@@ -57,6 +59,10 @@ def run(args: argparse.Namespace) -> int:
     if bad:
         print(f"bench train: unknown method(s) {bad}; choose from {', '.join(METHODS)}", file=sys.stderr)
         return 2
+    problem = output_problem(args.json)
+    if problem:
+        print(f"bench train: {problem}", file=sys.stderr)
+        return 2
     rows = []
     with tempfile.TemporaryDirectory(prefix="hearth-bench-train-") as tmp:
         for m in methods:
@@ -84,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
     cmd = f"hearth bench train --steps {args.steps} --methods {','.join(methods)}"
     print(f"\nCommand: {cmd}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"command": cmd, "rows": rows}, indent=2) + "\n")
+        write_json(args.json, {"command": cmd, "rows": rows})
     return 0
 
 

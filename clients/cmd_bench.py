@@ -12,13 +12,19 @@
 The benchmarks are not part of the installed package: they are loaded from `bench/<name>.py` in
 the source tree beside this package (a git checkout or an editable install). Each one defines
 `add_arguments(parser)` and `run(args)`, and `main(argv)` for `python bench/<name>.py`.
+Every benchmark writes its results through `write_json` (folders created, the file replaced whole) and
+checks its output paths with `output_problem` before it starts measuring.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
+import math
+import os
 import sys
+import tempfile
 from pathlib import Path
 from types import ModuleType
 
@@ -39,6 +45,54 @@ BENCHMARKS = {
     "agents": ("agents.py", "word-problem accuracy of plain / CoT / self-consistency / calculator tool, and "
                             "tool-selection accuracy, per language"),
 }
+
+
+def finite(obj):
+    """JSON without NaN or infinity (which are not JSON): they become null."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {str(k): finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite(v) for v in obj]
+    return obj
+
+
+def output_problem(path: str | os.PathLike | None, flag: str = "--json") -> str | None:
+    """Why a result file could not be written at `path` (None when it can): checked before a run of
+    minutes starts, so a typo costs seconds. The missing folders are created now."""
+    if not path:
+        return None
+    target = Path(path).expanduser()
+    if target.is_dir():
+        return f"{flag} {path} is a folder; give a file name"
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        return f"{flag} {path}: cannot create its folder ({e.strerror or e})"
+    if not os.access(target.parent, os.W_OK | os.X_OK):
+        return f"{flag} {path}: the folder {target.parent} is not writable"
+    return None
+
+
+def write_json(path: str | os.PathLike, data, say=None) -> Path:
+    """Write a benchmark's results: the folder is created, the file replaced whole (never half-written),
+    NaN written as null. If it still cannot be written, the results go to a temp file instead (named on
+    stderr) rather than being lost at the end of a long run."""
+    from hearth.runtime.fileio import atomic_write_text
+
+    text = json.dumps(finite(data), indent=2, ensure_ascii=False, default=str) + "\n"
+    say = say or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    try:
+        written = atomic_write_text(Path(path).expanduser(), text)
+    except OSError as e:
+        fd, rescue = tempfile.mkstemp(prefix="hearth-bench-", suffix=".json")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        say(f"could not write {path} ({e.strerror or e}); the results are in {rescue}")
+        return Path(rescue)
+    say(f"wrote {written}")
+    return written
 
 
 def bench_dir() -> Path:

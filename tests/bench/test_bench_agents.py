@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from hearth.agents.evalsets import load_tool_prompts, load_word_problems
+from hearth.clients.cmd_bench import finite
 from hearth.agents.model import ChatReply, ScriptedChatModel, ToolCall
 from tests.conftest import default_gguf
 
@@ -129,7 +130,7 @@ async def test_evaluate_counts_every_strategy_and_tool_choice_exactly():
     assert "rag_search" in res["tool_selection"]["tools_offered"]
 
     # JSON with every item's prediction; the Markdown table shows the per-language cells
-    text = json.dumps(bench._finite({"meta": {"model": "scripted"}, **res}), default=str)
+    text = json.dumps(finite({"meta": {"model": "scripted"}, **res}), default=str)
     back = json.loads(text)
     assert all({"id", "lang", "strategy", "gold", "prediction", "answer", "correct", "usage"} <= set(r)
                for r in back["word_problems"]["items"])
