@@ -116,6 +116,8 @@ async def run_tool_agent(model: ChatModel, messages: list[dict[str, Any]], regis
             async with asyncio.timeout(trace.time_left()):
                 replies = await model.chat(convo, tools=tools, tool_choice=call_choice, n=1, **sampling)
         except TimeoutError:
+            trace.add("error", f"the time budget ({trace.budget.time_s:g} s) ran out during model call "
+                               f"{trace.model_calls + 1}; set max_tokens or a larger time budget")
             return stop("time_budget")
         except AgentError as e:
             trace.add("error", str(e))
@@ -138,6 +140,7 @@ async def run_tool_agent(model: ChatModel, messages: list[dict[str, Any]], regis
             async with asyncio.timeout(max(trace.time_left(), 0.0)):
                 results = await _run_calls(registry, reply.tool_calls, parallel)
         except TimeoutError:
+            trace.add("error", f"the time budget ({trace.budget.time_s:g} s) ran out while tools ran")
             return stop("time_budget")
         for c, r in zip(reply.tool_calls, results):
             trace.add("tool_result", r.content, id=c.id, name=r.name, ok=r.ok, elapsed_s=r.elapsed_s)

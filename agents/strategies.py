@@ -29,6 +29,10 @@ from .reasoning.react import react
 from .reasoning.tot import tot_model_calls, tree_of_thought
 from .types import AgentInputError, AgentResult, Budget, Trace
 
+# A model call that is never told to stop can ramble until the time budget ends the run with no step
+# at all: every step gets this many tokens unless the caller says otherwise.
+DEFAULT_STEP_MAX_TOKENS = 512
+
 STRATEGIES = ("plain", "cot", "few_shot_cot", "self_consistency", "react", "plan_execute", "tot", "tools")
 
 # demos are embedded once per embedder object: one shared fallback keeps that cache warm
@@ -46,7 +50,7 @@ class StrategyOptions:
 
     n: int = 5                          # self_consistency: sampled paths
     temperature: float | None = None    # every call (self_consistency: 0.7 when None)
-    max_tokens: int | None = None       # every call
+    max_tokens: int | None = DEFAULT_STEP_MAX_TOKENS  # every call; None: up to the model's context
     seed: int | None = None             # every call (self_consistency's fallback calls: seed + i)
     answer_type: str = "auto"           # auto | number | choice | text: how the answer is extracted
     k_shots: int = 3                    # few_shot_cot (and self_consistency with an embedder): demos

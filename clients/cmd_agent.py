@@ -40,7 +40,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--api-key", default=None)
     run.add_argument("--n", type=int, default=5, help="sampled paths for self_consistency")
     run.add_argument("--temperature", type=float, default=None)
-    run.add_argument("--max-tokens", type=int, default=None)
+    run.add_argument("--max-tokens", type=int, default=None,
+                     help="tokens per model call (default 512: a step that is never told to stop can use up "
+                          "the whole time budget)")
     run.add_argument("--seed", type=int, default=None)
     run.add_argument("--max-steps", type=int, default=8, help="model calls allowed")
     run.add_argument("--time-budget", type=float, default=300.0, help="seconds allowed")
@@ -58,7 +60,7 @@ def _print_step(step) -> None:
 
 async def _run(args: argparse.Namespace, base_url: str, model_name: str) -> int:
     from hearth.agents.model import OpenAIChatModel
-    from hearth.agents.strategies import StrategyOptions, run_strategy
+    from hearth.agents.strategies import DEFAULT_STEP_MAX_TOKENS, StrategyOptions, run_strategy
     from hearth.agents.tools import default_registry
     from hearth.agents.types import Budget, Trace
 
@@ -82,7 +84,8 @@ async def _run(args: argparse.Namespace, base_url: str, model_name: str) -> int:
     model = OpenAIChatModel(base_url, model_name, api_key=args.api_key, timeout_s=args.time_budget)
     trace = Trace(Budget(max_steps=args.max_steps, time_s=args.time_budget),
                   on_step=None if (args.quiet or args.json) else _print_step)
-    opts = StrategyOptions(n=args.n, temperature=args.temperature, max_tokens=args.max_tokens, seed=args.seed,
+    opts = StrategyOptions(n=args.n, temperature=args.temperature, seed=args.seed,
+                           max_tokens=DEFAULT_STEP_MAX_TOKENS if args.max_tokens is None else args.max_tokens,
                            answer_type=args.answer_type)
     try:
         result = await run_strategy(args.strategy, model, task, tools=tools, budget=trace.budget, trace=trace,

@@ -124,7 +124,15 @@ class Engine:
         """Stream outputs of every choice of the request; abandoning the iterator aborts it."""
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
-        remaining = self._submit(request, lambda item: loop.call_soon_threadsafe(q.put_nowait, item))
+        rid = request.request_id
+
+        def sink(item: object) -> None:
+            try:
+                loop.call_soon_threadsafe(q.put_nowait, item)
+            except RuntimeError:  # the caller's event loop closed under a running request: nobody reads it
+                self._aborts.add(rid)
+
+        remaining = self._submit(request, sink)
         try:
             while remaining:
                 item = _checked(await q.get())

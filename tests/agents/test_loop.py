@@ -98,6 +98,8 @@ async def test_a_slow_model_stops_at_the_time_budget():
     result = await run_tool_agent(model, USER, default_registry(plugins=False), budget=Budget(time_s=0.3))
     assert result.stopped == "time_budget" and result.answer is None
     assert time.monotonic() - t0 < 1.0
+    # the run says where the time went instead of ending with no step at all
+    assert [s.kind for s in result.steps] == ["error"] and "time budget" in result.steps[0].content
 
 
 async def test_slow_tools_count_against_the_time_budget():

@@ -62,6 +62,17 @@ async def test_plain_is_one_call_with_the_messages_as_given():
     assert model.calls[0]["temperature"] == 0.2 and model.calls[0]["max_tokens"] == 16
 
 
+@pytest.mark.parametrize("strategy", ["plain", "tools"])
+async def test_every_step_has_a_token_limit_by_default(strategy):
+    """Without one the README's agent command rambled until its time budget and ended with 0 steps."""
+    from hearth.agents.tools import default_registry
+
+    model = ScriptedChatModel(["42"])
+    tools = default_registry(plugins=False) if strategy == "tools" else None
+    await run_strategy(strategy, model, "What is 6 * 7?", tools=tools)
+    assert model.calls[0]["max_tokens"] == 512
+
+
 async def test_cot_through_the_dispatcher():
     model = ScriptedChatModel(["6 × 7 = 42", "42"])
     result = await run_strategy("cot", model, "What is 6 × 7?")

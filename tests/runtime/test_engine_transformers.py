@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -346,3 +347,17 @@ def test_scoring_request_preempted_mid_prefill_still_returns_prompt_logprobs(tin
         assert len(gen_tokens) == 60
     finally:
         eng.shutdown()
+
+
+def test_a_closed_event_loop_under_a_running_request_does_not_kill_the_engine(engine):
+    """An in-process client that times out and closes its loop while tokens still stream (the agent
+    CLI did) used to kill the engine thread with 'Event loop is closed'."""
+    loop = asyncio.new_event_loop()
+    gen = engine.generate(prompt_request(engine, prompt="The quick brown fox", params=greedy(400)))
+    loop.run_until_complete(gen.__anext__())  # streaming has begun
+    loop.close()  # the generator is abandoned with its loop, as a timed-out asyncio.run leaves it
+    deadline = time.monotonic() + 30
+    while engine.stats().running and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert engine.healthy and engine.stats().running == 0
+    assert engine.generate_sync(prompt_request(engine, prompt="The quick", params=greedy(4)))[0].token_ids
