@@ -9,6 +9,8 @@
     POST   /v1/chat/completions                + "rag": {"index", "top_k"}  or  "reasoning": {"strategy", "n"}
 
 A run streams as SSE: one `agent.run.step` object per step, then the `agent.run` result, then [DONE].
+An ingest whose client disconnects is cancelled (no background job API: a large ingest is split over
+several requests, each under agents.max_request_bytes).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import Annotated, Any, AsyncIterator, Callable
 from fastapi import FastAPI, Query, Request
 from fastapi.responses import StreamingResponse
 
-from .common import DONE, new_id, sse, usage_dict
+from .common import DONE, new_id, sse, until_done, usage_dict
 from .errors import APIError, from_exception, invalid
 from .protocol import AgentRunRequest, ChatCompletionRequest, RagDocumentsRequest, RagQueryRequest
 
@@ -43,8 +45,9 @@ def install(app: FastAPI, auth: list, agents: Callable[[], Any]) -> None:
         return await agents().rag_indexes()
 
     @app.post("/v1/rag/indexes/{name}/documents", dependencies=auth)
-    async def rag_add(name: str, body: RagDocumentsRequest):
-        return await agents().rag_add(_index(name), body)
+    async def rag_add(name: str, body: RagDocumentsRequest, request: Request):
+        # a client that leaves cancels the ingest: it stops embedding and lets go of the index's lock
+        return await until_done(request, agents().rag_add(_index(name), body), [])
 
     @app.get("/v1/rag/indexes/{name}/documents", dependencies=auth)
     async def rag_documents(name: str):

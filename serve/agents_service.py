@@ -8,6 +8,8 @@
 Without Ray this object lives in the server process; under Ray Serve it is the `agents` deployment, whose
 router holds handles to the model deployments (ray_app.py), and the ingress calls it through a handle.
 Blocking work (embedding, FAISS, file extraction) runs in threads so the event loop keeps streaming.
+Documents are capped (agents.max_document_bytes each, agents.max_request_bytes per request: 413 beyond),
+and an ingest whose call is cancelled (its client went away) stops between embedding batches.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import asyncio
 import base64
 import binascii
 import logging
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -23,6 +26,7 @@ from typing import Any, AsyncIterator
 
 from hearth.agents.embed import SentenceTransformerEmbedder
 from hearth.agents.rag import IndexStore, build_rag_messages, citations, extract_text
+from hearth.agents.reasoning.common import message_text
 from hearth.agents.strategies import StrategyOptions, default_budget, run_strategy
 from hearth.agents.tools import default_registry
 from hearth.agents.types import AgentInputError, Budget, Trace
@@ -32,7 +36,7 @@ from .agent_model import ServedChatModel
 from .config import ServeConfig
 from .errors import APIError, invalid
 from .metrics import Metrics
-from .protocol import AgentRunRequest, RagDocumentsRequest, RagQueryRequest, RagSpec, message_text
+from .protocol import AgentRunRequest, RagDocumentsRequest, RagQueryRequest, RagSpec
 from .router import Router
 
 log = logging.getLogger("hearth.serve")
@@ -65,26 +69,43 @@ class AgentService:
     # ---- RAG ------------------------------------------------------------------------------------
 
     async def rag_add(self, name: str, req: RagDocumentsRequest) -> dict:
-        items = [(d.source, await asyncio.to_thread(self._document_text, i, d))
-                 for i, d in enumerate(req.documents)]
+        """Ingest; cancelling the call (a client that went away) stops the embedding between batches,
+        releases the index's lock and leaves the index at its last committed version."""
+        total = 0
+        items = []
+        for i, d in enumerate(req.documents):
+            text, size = await asyncio.to_thread(self._document_text, i, d)
+            total += size
+            if total > self.cfg.max_request_bytes:
+                raise APIError(413, f"the documents of this request total more than {self.cfg.max_request_bytes} "
+                                    f"bytes (agents.max_request_bytes); send them in several requests",
+                               "invalid_request_error", "documents", "request_too_large")
+            items.append((d.source, text))
         if req.paths and not self.cfg.rag_allowed_roots:
             raise invalid("this server ingests uploaded documents only: `paths` needs agents.rag_allowed_roots "
                           "in the server's config", "paths")
         if not items and not req.paths:
             raise invalid("give at least one document or path", "documents")
+        stop = threading.Event()
 
         def work():
             index = self.store.get(name, create=req.create)
             reports = []
             if items:
-                reports.append(index.add_texts(items))
+                reports.append(index.add_texts(items, should_stop=stop.is_set))
             if req.paths:
                 reports.append(index.ingest(req.paths, allowed_roots=self.cfg.rag_allowed_roots,
                                             max_file_bytes=self.cfg.max_document_bytes,
-                                            max_total_bytes=self.cfg.max_request_bytes, progress=False))
+                                            max_total_bytes=self.cfg.max_request_bytes, progress=False,
+                                            should_stop=stop.is_set))
             return index, reports
 
-        index, reports = await asyncio.to_thread(work)
+        try:
+            index, reports = await asyncio.to_thread(work)
+        except asyncio.CancelledError:
+            stop.set()  # the thread stops at its next check and lets go of the lock
+            log.info("RAG ingest into %r cancelled", name)
+            raise
         out: dict[str, Any] = {"object": "rag.ingest", "index": name, "added": [], "replaced": [],
                                "unchanged": [], "skipped": []}
         for r in reports:
@@ -96,30 +117,43 @@ class AgentService:
         out["documents"] = len(index.documents())
         return out
 
-    def _document_text(self, i: int, d) -> str:
-        """A document's text: given as text (HTML stripped when format says so) or extracted from its bytes."""
+    def _too_large(self, source: str, size: int, param: str, what: str = "") -> APIError:
+        return APIError(413, f"document {source!r} is {size} bytes{what}; the limit is "
+                             f"{self.cfg.max_document_bytes} bytes per document (agents.max_document_bytes)",
+                        "invalid_request_error", param, "document_too_large")
+
+    def _document_text(self, i: int, d) -> tuple[str, int]:
+        """A document's text (HTML stripped when format says so, or extracted from its bytes) and its
+        size in bytes; 413 over agents.max_document_bytes, before and after extraction."""
         param = f"documents[{i}]"
         if (d.text is None) == (d.content_base64 is None):
             raise invalid("give exactly one of `text` and `content_base64`", param)
         if d.text is not None:
-            data = d.text.encode("utf-8")
             param += ".text"
+            if len(d.text) > self.cfg.max_document_bytes:  # at least that many bytes: no need to encode
+                raise self._too_large(d.source, len(d.text.encode("utf-8")), param)
+            data = d.text.encode("utf-8")
         else:
             param += ".content_base64"
+            if len(d.content_base64) * 3 // 4 > self.cfg.max_document_bytes + 2:
+                raise self._too_large(d.source, len(d.content_base64) * 3 // 4, param)
             try:
                 data = base64.b64decode(d.content_base64, validate=True)
             except (binascii.Error, ValueError):
                 raise invalid(f"document {d.source!r}: content_base64 is not valid base64", param) from None
         if len(data) > self.cfg.max_document_bytes:
-            raise invalid(f"document {d.source!r} is {len(data)} bytes; the limit is {self.cfg.max_document_bytes}",
-                          param)
+            raise self._too_large(d.source, len(data), param)
         if d.text is not None and d.format in (None, "txt", "md"):
-            return d.text
+            return d.text, len(data)
         fmt = d.format or Path(d.source).suffix.lower().lstrip(".") or "txt"
         try:
-            return extract_text(Path(f"document.{fmt}"), data, d.source)
+            text = extract_text(Path(f"document.{fmt}"), data, d.source)
         except AgentInputError as e:
             raise invalid(str(e), param) from None
+        extracted = len(text.encode("utf-8"))
+        if extracted > self.cfg.max_document_bytes:  # a small compressed PDF can hold a lot of text
+            raise self._too_large(d.source, extracted, param, " of text once extracted")
+        return text, max(len(data), extracted)
 
     async def rag_query(self, name: str, req: RagQueryRequest) -> dict:
         def work():

@@ -181,8 +181,11 @@ class AgentsConfig:
     """A local sentence-transformers directory for retrieval; None: the bundled all-MiniLM-L6-v2."""
     rag_allowed_roots: list[str] = field(default_factory=list)
     """Server folders a documents request may name by path; empty: only uploaded text/content."""
-    max_document_bytes: int = 10 * 2**20
-    max_request_bytes: int = 50 * 2**20
+    max_document_bytes: int = 2**20
+    """The largest document one ingest accepts, uploaded or read from a path, and its extracted text
+    (413 beyond): 1 MiB of text embeds in well under a minute on a CPU."""
+    max_request_bytes: int = 8 * 2**20
+    """The most document bytes one ingest request may carry (413 beyond)."""
     sandbox: bool = False
     """Offer the Python sandbox tool (a separate process with CPU, memory and time limits)."""
     max_steps: int = 16

@@ -15,7 +15,8 @@ Command line: `hearth rag ingest|query|list|delete` (hearth.clients.cmd_rag).
 from pathlib import Path
 
 from .chunking import Chunk, chunk_text, fallback_spans, token_spans_for
-from .errors import DocumentNotFound, EmbedderMismatch, ExtractionError, IndexBusy, IndexNotFound, RagError
+from .errors import (DocumentNotFound, EmbedderMismatch, ExtractionError, IndexBusy, IndexNotFound, IngestCancelled,
+                     RagError)
 from .extract import SUPPORTED_EXTENSIONS, extract_text, html_to_text
 from .index import DocInfo, Hit, IngestReport, RagIndex
 from .prompt import answer_with_rag, build_rag_messages, citations, context_block, neutralise
@@ -27,7 +28,7 @@ DATA_DIR = Path(__file__).parent / "data"
 
 __all__ = [
     "Chunk", "DATA_DIR", "DocInfo", "DocumentNotFound", "EmbedderMismatch", "ExtractionError", "Hit",
-    "IndexBusy", "IndexNotFound", "IndexStore", "IngestReport", "RagError", "RagIndex", "SUPPORTED_EXTENSIONS",
+    "IndexBusy", "IndexNotFound", "IndexStore", "IngestCancelled", "IngestReport", "RagError", "RagIndex", "SUPPORTED_EXTENSIONS",
     "answer_with_rag", "build_rag_messages", "check_index_name", "choose_kind", "chunk_text", "citations",
     "context_block", "embedder_from_spec", "embedder_spec_of", "extract_text", "fallback_spans", "html_to_text",
     "neutralise", "token_spans_for",

@@ -34,3 +34,7 @@ class IndexBusy(RagError):
 
 class ExtractionError(RagError):
     """A file could not be turned into text (undecodable bytes, a broken or encrypted PDF, ...)."""
+
+
+class IngestCancelled(RagError):
+    """A write stopped before its commit because its caller cancelled it (a client that went away)."""

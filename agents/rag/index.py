@@ -11,6 +11,8 @@ Every change is one atomic commit of a new immutable version (see storage.py): c
 old version or the new one, never half of either, and a crash leaves the last good version loadable.
 Re-ingesting an unchanged file (same sha256 of its bytes) is a no-op; a changed one replaces its chunks.
 Chunk spans [start, end) index the document's text (for HTML and PDF, the extracted text).
+A writer given `should_stop` checks it between files and between embedding batches: once it returns
+True the write raises IngestCancelled, releases the lock and commits nothing.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 from tqdm import tqdm
@@ -30,13 +32,13 @@ from ..embed import Embedder
 from ..types import AgentInputError
 from . import storage
 from .chunking import check_chunk_params, chunk_text, token_spans_for
-from .errors import DocumentNotFound, EmbedderMismatch, ExtractionError, IndexNotFound, RagError
+from .errors import DocumentNotFound, EmbedderMismatch, ExtractionError, IndexNotFound, IngestCancelled, RagError
 from .extract import collect_files, extract_text
 from .vectors import all_vectors, build_index, check_kind, choose_kind, copy_index, kind_of, search, vectors_of
 from .vectors import mmr as mmr_select
 
 MAX_TOP_K = 100
-EMBED_BATCH = 64
+EMBED_BATCH = 16  # chunks per embedding call; a cancelled write stops between calls (~1 s apart on a CPU)
 MAX_SOURCE_CHARS = 1024
 
 
@@ -241,7 +243,8 @@ class RagIndex:
         return out
 
     # ---- writing -------------------------------------------------------------------------------------
-    def add_texts(self, items: list[tuple[str, str]]) -> IngestReport:
+    def add_texts(self, items: list[tuple[str, str]], *, should_stop: Callable[[], bool] | None = None
+                  ) -> IngestReport:
         """Add or replace documents given as (source name, text), in one atomic commit."""
         if not isinstance(items, (list, tuple)) or not items:
             raise AgentInputError("add_texts needs a non-empty list of (source, text) pairs", "documents")
@@ -268,10 +271,11 @@ class RagIndex:
                     report.skipped.append((source, "the text is empty"))
                 else:
                     pending[source] = doc
-            return self._commit(base, pending, set(), report, progress=False)
+            return self._commit(base, pending, set(), report, progress=False, should_stop=should_stop)
 
     def ingest(self, paths: list[str | Path], *, allowed_roots: list[str | Path], max_file_bytes: int = 32 << 20,
-               max_total_bytes: int = 512 << 20, progress: bool = True) -> IngestReport:
+               max_total_bytes: int = 512 << 20, progress: bool = True,
+               should_stop: Callable[[], bool] | None = None) -> IngestReport:
         """Add or replace the files named (folders are walked), confined to allowed_roots. Named files
         that break a rule raise AgentInputError; files found in folders are skipped with a reason."""
         for pname, v in (("max_file_bytes", max_file_bytes), ("max_total_bytes", max_total_bytes)):
@@ -289,6 +293,7 @@ class RagIndex:
             pending: dict[str, _NewDoc] = {}
             for f in tqdm(files, desc=f"reading into {self.name}", unit="file", disable=not progress,
                           file=sys.stderr):
+                _check_stop(should_stop)
                 data = f.path.read_bytes()
                 if len(data) > max_file_bytes:  # grew since it was listed
                     reason = f"{len(data)} bytes, more than the limit of {max_file_bytes} bytes per file"
@@ -314,7 +319,7 @@ class RagIndex:
                     report.skipped.append((str(f.path), "no text in it"))
                     continue
                 pending[f.source] = _NewDoc(text, sha, len(data))
-            return self._commit(base, pending, set(), report, progress=progress)
+            return self._commit(base, pending, set(), report, progress=progress, should_stop=should_stop)
 
     def delete(self, sources: list[str]) -> int:
         """Remove documents by source name in one commit; returns the number of chunks removed.
@@ -346,7 +351,8 @@ class RagIndex:
         self._snap = snap
         return snap
 
-    def _chunk_and_embed(self, pending: dict[str, _NewDoc], progress: bool
+    def _chunk_and_embed(self, pending: dict[str, _NewDoc], progress: bool,
+                         should_stop: Callable[[], bool] | None = None
                          ) -> tuple[list[dict[str, Any]], np.ndarray, dict[str, int]]:
         chunks: list[dict[str, Any]] = []
         counts: dict[str, int] = {}
@@ -361,6 +367,7 @@ class RagIndex:
                    disable=not progress or not chunks, file=sys.stderr)
         with bar:
             for i in range(0, len(chunks), EMBED_BATCH):
+                _check_stop(should_stop)
                 batch = [c["text"] for c in chunks[i:i + EMBED_BATCH]]
                 v = np.asarray(self.embedder.embed(batch), dtype=np.float32)
                 if v.shape != (len(batch), dims):
@@ -372,14 +379,16 @@ class RagIndex:
         return chunks, vecs, counts
 
     def _commit(self, base: _Snapshot, pending: dict[str, _NewDoc], removed: set[str], report: IngestReport,
-                progress: bool) -> IngestReport:
+                progress: bool, should_stop: Callable[[], bool] | None = None) -> IngestReport:
         """Write base − removed − replaced + pending as the next version and make it live. Under the lock."""
         for source in pending:
             (report.replaced if source in base.meta["docs"] else report.added).append(source)
         if not pending and not removed:
             report.version = base.version
             return report
-        new_chunks, new_vecs, counts = self._chunk_and_embed(pending, progress) if pending else ([], None, {})
+        new_chunks, new_vecs, counts = (self._chunk_and_embed(pending, progress, should_stop) if pending
+                                        else ([], None, {}))
+        _check_stop(should_stop)
         gone = removed | set(pending)
         keep = np.array([c["source"] not in gone for c in base.chunks], dtype=bool)
         kept_chunks = [c for c, k in zip(base.chunks, keep) if k]
@@ -409,6 +418,11 @@ class RagIndex:
         storage.clean(self.directory)
         report.version = meta["version"]
         return report
+
+
+def _check_stop(should_stop: Callable[[], bool] | None) -> None:
+    if should_stop is not None and should_stop():
+        raise IngestCancelled("the ingest was cancelled; the index keeps its last committed version")
 
 
 def _check_source(source: str) -> None:

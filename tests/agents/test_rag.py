@@ -18,7 +18,8 @@ import pytest
 
 from hearth.agents.embed import HashingEmbedder
 from hearth.agents.rag import (DocumentNotFound, EmbedderMismatch, ExtractionError, IndexNotFound, IndexStore,
-                               RagIndex, chunk_text, choose_kind, extract_text, fallback_spans, html_to_text)
+                               IngestCancelled, RagIndex, chunk_text, choose_kind, extract_text, fallback_spans,
+                               html_to_text)
 from hearth.agents.rag import storage, vectors
 from hearth.agents.types import AgentInputError
 
@@ -412,3 +413,24 @@ def test_readers_see_whole_versions_while_a_writer_commits(tmp_path):
         assert len(rounds) <= 1
         if rounds:
             assert n_hits == chunk_counts[int(rounds.pop())]
+
+
+def test_a_cancelled_write_commits_nothing_and_releases_the_lock(tmp_path, docs):
+    index = open_index(tmp_path, lock_timeout_s=1.0)
+    index.add_texts([("a.txt", "Refunds take five days.")])
+    version = index.version
+    batches = []
+    long = " ".join(f"Sentence {i} about the harbour." for i in range(3000))
+
+    def stop_after_two():  # checked between embedding batches
+        batches.append(1)
+        return len(batches) > 2
+
+    with pytest.raises(IngestCancelled, match="cancelled"):
+        index.add_texts([("long.txt", long)], should_stop=stop_after_two)
+    assert len(batches) == 3 and index.version == version
+    assert [d.source for d in index.documents()] == ["a.txt"]
+    with pytest.raises(IngestCancelled):
+        index.ingest([docs], allowed_roots=[docs.parent], progress=False, should_stop=lambda: True)
+    index.add_texts([("b.txt", "Shipping takes a week.")])  # the lock is free again (1 s wait at most)
+    assert index.version == version + 1

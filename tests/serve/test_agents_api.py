@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import base64
 import json
+import time
 
 import httpx
+import numpy as np
 import pytest
 
 from tests.conftest import default_gguf
@@ -194,3 +196,58 @@ def test_agent_run_errors(agents_server):
     wrong = httpx.post(agents_server.url + "/v1/agents/runs", json={"input": "x"},
                        headers={"Authorization": f"Bearer {API_KEY}-wrong"})
     assert wrong.status_code == 401 and wrong.json()["error"]["code"] == "invalid_api_key"
+
+
+def test_rag_oversized_documents_are_413_fast(agents_server):
+    http = agents_server.http()
+    cap = 2**20  # agents.max_document_bytes by default
+    cases = [({"source": "huge.txt", "text": "a" * (cap + 1)}, "documents[0].text"),
+             ({"source": "huge.pdf", "content_base64": base64.b64encode(b"%PDF" + b"a" * cap).decode()},
+              "documents[0].content_base64")]
+    for doc, param in cases:
+        t0 = time.monotonic()
+        r = http.post("/v1/rag/indexes/big/documents", json={"documents": [doc]})
+        assert r.status_code == 413, r.text
+        err = r.json()["error"]
+        assert err["code"] == "document_too_large" and err["param"] == param
+        assert doc["source"] in err["message"] and str(cap) in err["message"]
+        assert time.monotonic() - t0 < 3.0
+    many = [{"source": f"part-{i}.txt", "text": "b" * (cap - 10)} for i in range(9)]  # 9 MiB > 8 MiB a request
+    r = http.post("/v1/rag/indexes/big/documents", json={"documents": many})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large", r.text
+    assert http.get("/v1/rag/indexes/big/documents").status_code == 404  # nothing was created
+
+
+def test_rag_ingest_stops_when_the_client_leaves(agents_server, monkeypatch):
+    from hearth.agents.embed import SentenceTransformerEmbedder
+
+    calls: list[float] = []
+
+    def slow_embed(self, texts):  # the server runs in this process: every batch it embeds shows here
+        calls.append(time.monotonic())
+        time.sleep(0.3)  # a steady pace, whatever else this machine is doing
+        v = np.random.default_rng(len(calls)).standard_normal((len(texts), self.dimensions)).astype(np.float32)
+        return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+    monkeypatch.setattr(SentenceTransformerEmbedder, "embed", slow_embed)
+    http = agents_server.http()
+    seeded = http.post("/v1/rag/indexes/leave/documents", json={"documents": [{"source": "seed.txt", "text": FACT}]})
+    assert seeded.status_code == 200, seeded.text
+    long_text = " ".join(f"Sentence {i} is about lighthouses, otters and the North Sea." for i in range(12_000))
+    assert len(long_text) < 2**20  # under the cap: only the client's leaving stops it
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(agents_server.url + "/v1/rag/indexes/leave/documents", timeout=1.5,
+                   headers={"Authorization": f"Bearer {API_KEY}"},
+                   json={"documents": [{"source": "long.txt", "text": long_text}]})
+    left = time.monotonic()
+    # the lock is let go: a second ingest into the same index gets through within a couple of seconds
+    r = http.post("/v1/rag/indexes/leave/documents", json={"documents": [{"source": "after.txt", "text": "x y z"}]},
+                  timeout=10)
+    assert r.status_code == 200, r.text
+    assert time.monotonic() - left < 4.0
+    n = len(calls)
+    time.sleep(1.0)
+    assert len(calls) == n  # and nothing is still embedding the abandoned document
+    sources = {d["source"] for d in http.get("/v1/rag/indexes/leave/documents").json()["data"]}
+    assert sources == {"seed.txt", "after.txt"}  # the cancelled ingest committed nothing
+    assert r.json()["version"] == seeded.json()["version"] + 1
