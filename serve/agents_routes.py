@@ -22,12 +22,11 @@ from typing import Annotated, Any, AsyncIterator, Callable
 from fastapi import FastAPI, Query, Request
 from fastapi.responses import StreamingResponse
 
-from .common import DONE, new_id, sse, until_done, usage_dict
+from .common import DONE, SSE_HEADERS, new_id, sse, until_done, usage_dict
 from .errors import APIError, from_exception, invalid
 from .protocol import AgentRunRequest, ChatCompletionRequest, RagDocumentsRequest, RagQueryRequest
 
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,63}$")
-_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 def _index(name: str) -> str:
@@ -72,7 +71,7 @@ def install(app: FastAPI, auth: list, agents: Callable[[], Any]) -> None:
         events = agents().run(body)
         first = await _first(events)  # bad input is a 4xx before any streaming starts
         if body.stream:
-            return StreamingResponse(_run_sse(first, events), media_type="text/event-stream", headers=_SSE_HEADERS)
+            return StreamingResponse(_run_sse(first, events), media_type="text/event-stream", headers=SSE_HEADERS)
         result = None
         async for ev in events:
             if ev["type"] == "result":
@@ -166,4 +165,4 @@ async def reasoning_chat(agents: Any, body: ChatCompletionRequest, include_usage
             yield chunk([], usage=usage)
         yield DONE
 
-    return StreamingResponse(gen(), media_type="text/event-stream", headers=_SSE_HEADERS)
+    return StreamingResponse(gen(), media_type="text/event-stream", headers=SSE_HEADERS)

@@ -1,8 +1,10 @@
 """POST /v1/chat/completions: messages and tools in, a message or a stream of chunks out.
 
-The route turns the request into plain runtime objects here (messages prepared for the model's
-tool-call family, SamplingParams with any grammar), runs one engine request with `n` choices, and
-writes OpenAI's response or SSE chunks. Tool calls are parsed from the text by the family's parser.
+Read top-down: the route parses (pydantic) and checks the caps, `plan_chat` turns the request into
+plain runtime objects (messages prepared for the model's tool-call family, SamplingParams with any
+grammar), one engine request runs with `n` choices, and `complete` / `stream` write OpenAI's
+response or SSE chunks. Tool calls are parsed from the text by the family's parser. The `rag` and
+`reasoning` extensions are answered through the agents (agents_routes.py).
 """
 
 from __future__ import annotations
@@ -13,23 +15,58 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
-from hearth.runtime.types import GenerationRequest, GuidedDecoding
+from fastapi import APIRouter, Request
+from hearth.agents.reasoning.common import message_text
+from hearth.runtime.errors import HearthError
+from hearth.runtime.prompt import PromptRequest
+from hearth.runtime.types import GuidedDecoding
 
-from . import tool_parsers
-from .common import DONE, Run, chat_logprobs, new_id, sampling_params, sse, usage_dict
-from .errors import invalid
+from . import agents_routes, limits, tool_parsers
+from .common import (DONE, Run, chat_logprobs, include_usage, new_id, prepend, route_run, sampling_params, sse,
+                     sse_response, start_runs, until_done, usage_dict)
+from .deps import AUTH, chat_model, current_agents
+from .errors import from_exception, invalid
 from .model_service import ModelInfo
-from .protocol import ChatCompletionRequest, message_text
+from .protocol import ChatCompletionRequest
 from .tool_parsers import ContentDelta
 
 log = logging.getLogger("hearth.serve")
+
+router = APIRouter(dependencies=AUTH)
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, request: Request):
+    t0 = time.monotonic()
+    client, info = chat_model(request.app, body, "chat.completions")
+    limits.check_chat(body, request.app.state.config, info.max_model_len)
+    if body.reasoning is not None:
+        return await agents_routes.reasoning_chat(current_agents(request.app), body, include_usage(body))
+    cites = None
+    if body.rag is not None:
+        body, cites = await agents_routes.rag_chat_messages(current_agents(request.app), body)
+    try:
+        plan = plan_chat(body, info)
+    except HearthError as e:
+        raise from_exception(e) from None
+    runs = [route_run(request, client, plan.request, model=body.model, t0=t0, want_bytes=bool(body.logprobs))]
+    await start_runs(runs, request)
+    if body.stream:
+        chunks = stream(runs[0], plan, body.model, include_usage(body))
+        if cites is not None:
+            chunks = prepend(agents_routes.citations_chunk(plan.request.request_id, body.model, cites), chunks)
+        return sse_response(chunks, runs)
+    resp = await until_done(request, complete(runs[0], plan, body.model), runs)
+    if cites is not None:
+        resp["citations"] = cites
+    return resp
 
 
 @dataclass
 class ChatPlan:
     """What the engine is asked and how its text is read back."""
 
-    request: GenerationRequest
+    request: PromptRequest
     parser: Any = None
     """The tool-call family module when tools are active, else None."""
     tools: list[dict] | None = None
@@ -83,13 +120,13 @@ def plan_chat(body: ChatCompletionRequest, info: ModelInfo) -> ChatPlan:
         raise invalid("max_tokens must be at least 1", "max_tokens")
     params = sampling_params(body, info, max_tokens=max_tokens, n=body.n or 1, logprobs=bool(body.logprobs),
                              top_logprobs=body.top_logprobs or 0, guided=guided)
-    req = GenerationRequest(messages=messages, tools=render_tools, params=params,
-                            request_id=new_id("chatcmpl"))
+    req = PromptRequest(messages=messages, tools=render_tools, params=params, request_id=new_id("chatcmpl"))
     return ChatPlan(req, module if active else None, tools if active else None)
 
 
 def _message_dict(m) -> dict:
-    d: dict[str, Any] = {"role": m.role, "content": None if m.content is None else message_text(m.content)}
+    # text parts joined as they are (limits.check_chat refused any other part)
+    d: dict[str, Any] = {"role": m.role, "content": None if m.content is None else message_text(m.content, "")}
     if m.role == "developer":  # OpenAI's newer name for the system role; templates know "system"
         d["role"] = "system"
     if m.name:

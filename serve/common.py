@@ -1,5 +1,6 @@
 """What the chat and completions routes share: sampling params from a request, running an engine
-request with a deadline and metrics, merging several streams, SSE framing, logprob formatting."""
+request with a deadline and metrics, merging several streams, SSE framing and responses, abort on
+disconnect, logprob formatting."""
 
 from __future__ import annotations
 
@@ -10,13 +11,18 @@ import uuid
 from typing import Any, AsyncIterator
 
 from hearth.runtime.errors import HearthError
-from hearth.runtime.types import GenerationRequest, SamplingParams
+from hearth.runtime.prompt import PromptRequest
+from hearth.runtime.types import SamplingParams
+
+from fastapi import Request
+from fastapi.responses import StreamingResponse
 
 from .errors import APIError, from_exception, timeout
 from .metrics import Metrics
 from .model_service import Chunk, ModelInfo, Started
 
 DONE = "data: [DONE]\n\n"
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 def new_id(prefix: str) -> str:
@@ -59,7 +65,7 @@ def sampling_params(body: Any, info: ModelInfo, *, max_tokens: int | None, n: in
 class Run:
     """One engine request as a route sees it: `start()` then `chunks()`; `close()` aborts it."""
 
-    def __init__(self, client: Any, request: GenerationRequest, *, model: str, metrics: Metrics,
+    def __init__(self, client: Any, request: PromptRequest, *, model: str, metrics: Metrics,
                  t0: float, deadline: float, want_bytes: bool = False, echo_bytes: bool = False,
                  prompt_param: str = "messages"):
         self.request = request
@@ -179,3 +185,67 @@ def usage_dict(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens,
             "prompt_tokens_details": {"cached_tokens": cached_tokens}}
+
+
+# ---- the HTTP side of a run --------------------------------------------------------------------
+
+def route_run(request: Request, client: Any, req: PromptRequest, *, model: str, t0: float, **kw) -> Run:
+    """A Run with the app's metrics and a deadline of request_timeout_s after t0."""
+    state = request.app.state
+    return Run(client, req, model=model, metrics=state.metrics, t0=t0,
+               deadline=t0 + state.config.request_timeout_s, **kw)
+
+
+def include_usage(body: Any) -> bool:
+    return bool(body.stream_options and body.stream_options.include_usage)
+
+
+async def start_runs(runs: list[Run], request: Request) -> None:
+    """Start the runs, aborting them if the client goes away first."""
+    await until_done(request, start_all(runs), runs)
+
+
+async def until_done(request: Request, coro, runs: list[Run]):
+    """Await coro, but abort the runs (and answer 499) if the client disconnects meanwhile."""
+    task = asyncio.ensure_future(coro)
+    watcher = asyncio.ensure_future(_disconnected(request))
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            return task.result()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await asyncio.gather(*(r.close() for r in runs), return_exceptions=True)
+        raise APIError(499, "The client closed the request.", code="client_closed_request")
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+
+
+async def _disconnected(request: Request) -> None:
+    while True:
+        msg = await request.receive()
+        if msg["type"] == "http.disconnect":
+            return
+
+
+async def prepend(first: str, rest: AsyncIterator[str]) -> AsyncIterator[str]:
+    yield first
+    async for s in rest:
+        yield s
+
+
+def sse_response(chunks: AsyncIterator[str], runs: list[Run] = ()) -> StreamingResponse:
+    """The chunks as an SSE response; an error once streaming has begun goes out as an SSE error event,
+    and the runs are closed however the stream ends."""
+    async def body() -> AsyncIterator[str]:
+        try:
+            async for s in chunks:
+                yield s
+        except Exception as e:  # the stream has begun: the error goes out as an SSE event
+            yield from_exception(e).sse()
+        finally:
+            await asyncio.gather(*(r.close() for r in runs), return_exceptions=True)
+
+    return StreamingResponse(body(), media_type="text/event-stream", headers=SSE_HEADERS)

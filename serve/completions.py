@@ -4,6 +4,7 @@ A prompt is a string, a list of strings, a list of token ids, or a list of those
 runs as its own engine request with `n` choices (choice index = prompt index * n + choice).
 `echo` with `logprobs` returns the prompt's token logprobs too (the first token has none), and
 `max_tokens: 0` with both scores a text without generating: what lm-eval-harness sends.
+Read top-down: the route (parse, caps), `plan_completions`, then `complete` / `stream`.
 """
 
 from __future__ import annotations
@@ -11,26 +12,42 @@ from __future__ import annotations
 import time
 from typing import Any, AsyncIterator
 
-from hearth.runtime.types import GenerationRequest
+from fastapi import APIRouter, Request
+from hearth.runtime.errors import HearthError
+from hearth.runtime.prompt import PromptRequest
 
-from .common import (
-    DONE,
-    Run,
-    merge,
-    new_id,
-    sampling_params,
-    sse,
-    token_text,
-    usage_dict,
-)
-from .errors import invalid
+from . import limits
+from .common import (DONE, Run, include_usage, merge, new_id, route_run, sampling_params, sse, sse_response,
+                     start_runs, token_text, until_done, usage_dict)
+from .deps import AUTH, chat_model
+from .errors import from_exception, invalid
 from .model_service import ModelInfo, Started
 from .protocol import CompletionRequest, completion_prompts
 
+router = APIRouter(dependencies=AUTH)
 LEGACY_DEFAULT_MAX_TOKENS = 16
+"""max_tokens when a completions request names none (OpenAI's default for this API)."""
 
 
-def plan_completions(body: CompletionRequest, info: ModelInfo) -> list[GenerationRequest]:
+@router.post("/v1/completions")
+async def completions(body: CompletionRequest, request: Request):
+    t0 = time.monotonic()
+    client, info = chat_model(request.app, body, "completions")
+    limits.check_completions(body, request.app.state.config, info.max_model_len)
+    try:
+        reqs = plan_completions(body, info)
+    except HearthError as e:
+        raise from_exception(e, "prompt") from None
+    runs = [route_run(request, client, q, model=body.model, t0=t0, want_bytes=body.logprobs is not None,
+                      echo_bytes=bool(body.echo), prompt_param="prompt") for q in reqs]
+    await start_runs(runs, request)
+    rid = new_id("cmpl")
+    if body.stream:
+        return sse_response(stream(runs, body, body.model, rid, include_usage(body)), runs)
+    return await until_done(request, complete(runs, body, body.model, rid), runs)
+
+
+def plan_completions(body: CompletionRequest, info: ModelInfo) -> list[PromptRequest]:
     prompts = completion_prompts(body.prompt)
     if not prompts:
         raise invalid("prompt must not be empty", "prompt")
@@ -53,13 +70,13 @@ def plan_completions(body: CompletionRequest, info: ModelInfo) -> list[Generatio
         if isinstance(p, str):
             if p == "":
                 raise invalid(f"prompt[{i}] is empty", "prompt")
-            reqs.append(GenerationRequest(prompt=p, params=params, request_id=f"{rid}-{i}"))
+            reqs.append(PromptRequest(prompt=p, params=params, request_id=f"{rid}-{i}"))
         elif isinstance(p, list) and p and all(isinstance(t, int) for t in p):
             bad = [t for t in p if t < 0 or t >= info.vocab_size]
             if bad:
                 raise invalid(f"prompt[{i}] has token id {bad[0]} outside the vocabulary "
                               f"(size {info.vocab_size})", "prompt")
-            reqs.append(GenerationRequest(prompt_token_ids=list(p), params=params, request_id=f"{rid}-{i}"))
+            reqs.append(PromptRequest(prompt_token_ids=list(p), params=params, request_id=f"{rid}-{i}"))
         else:
             raise invalid(f"prompt[{i}] must be a non-empty string or list of token ids", "prompt")
     return reqs

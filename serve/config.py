@@ -19,6 +19,11 @@
         stream_interval_ms: null           # batch streamed tokens (null: 40 where a Ray hop carries them, else 0)
     embeddings:
       - name: all-minilm-l6-v2             # path: null = the bundled model
+    max_body_bytes: 8388608                # 413 beyond (RAG uploads: agents.max_request_bytes as base64)
+    max_messages: 2048                     # caps checked before any tokenization (400 beyond)
+    max_prompt_chars: 2000000              # chat contents + tools, completions prompts, embeddings inputs
+    max_embedding_inputs: 2048
+    drain_timeout_s: 30                    # SIGTERM: in-flight requests get this long, then a 503
     agents:
       rag_dir: null                        # named RAG indexes ($HEARTH_HOME/rag)
       rag_allowed_roots: []                # server folders documents may be ingested from by path
@@ -218,7 +223,21 @@ class ServeConfig:
     request_timeout_s: float = 600.0
     """A request still running after this gets 408 (or an SSE error event once streaming)."""
     drain_timeout_s: float = 30.0
-    """On SIGTERM, in-flight requests get this long to finish while new ones get 503."""
+    """On SIGTERM, in-flight requests get this long to finish while new ones get 503; what still runs
+    then is ended with a 503 error (an SSE error event and [DONE] for a stream)."""
+    max_body_bytes: int = 8 * 2**20
+    """A request body larger than this gets 413 before any of it is parsed: on its Content-Length, or as
+    soon as a chunked body passes it. RAG document uploads get `max_upload_body_bytes` instead."""
+    max_messages: int = 2048
+    """The most messages one chat request may hold (400 beyond). A long agent transcript of short turns
+    stays well under it; OpenAI caps `input` arrays at 2048 too."""
+    max_prompt_chars: int = 2_000_000
+    """The most characters one request's prompt may hold, checked before tokenization (400 beyond): chat
+    message contents, tool calls, tool definitions and the response schema together; all completions
+    prompts; all embeddings inputs. A token id given instead of text counts as one. 2M characters is
+    about 500k tokens of English, beyond any context hearth serves, and tokenizes in about a second."""
+    max_embedding_inputs: int = 2048
+    """The most inputs one embeddings request may hold (400 beyond), as at OpenAI."""
     base_dir: Path | None = None
 
     def __post_init__(self) -> None:
@@ -237,6 +256,15 @@ class ServeConfig:
         _check(isinstance(self.port, int) and 0 <= self.port <= 65535, "port must be in [0, 65535]")
         _check(self.request_timeout_s > 0, "request_timeout_s must be > 0")
         _check(self.drain_timeout_s >= 0, "drain_timeout_s must be >= 0")
+        for name in ("max_body_bytes", "max_messages", "max_prompt_chars", "max_embedding_inputs"):
+            v = getattr(self, name)
+            _check(isinstance(v, int) and not isinstance(v, bool) and v >= 1, f"{name} must be an integer >= 1")
+
+    @property
+    def max_upload_body_bytes(self) -> int:
+        """The body cap of the RAG routes: room for agents.max_request_bytes of documents as base64 in
+        JSON (4/3 of the bytes, plus 1 MiB for the rest), and never below max_body_bytes."""
+        return max(self.max_body_bytes, self.agents.max_request_bytes * 4 // 3 + 2**20)
 
     def to_dict(self) -> dict:
         d = asdict(self)

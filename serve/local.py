@@ -4,7 +4,8 @@
     server.start_loading()                # the background so /health says 503 until they are up
     server.serve()                        # blocks; SIGTERM drains, a second one exits at once
 
-SIGTERM/SIGINT: new requests get 503 while in-flight ones get `drain_timeout_s` to finish.
+SIGTERM/SIGINT: new requests get 503 while in-flight ones get `drain_timeout_s` to finish; those still
+running then are ended with a 503 (a stream gets an SSE error event and `data: [DONE]`).
 """
 
 from __future__ import annotations
@@ -48,6 +49,12 @@ class _DrainingServer(uvicorn.Server):
         end = self._draining_since + self._drain_timeout_s
         while self._state.in_flight > 0 and time.monotonic() < end:
             time.sleep(0.05)
+        if self._state.in_flight > 0:  # time is up: each one left gets a 503 (a stream: an SSE error, [DONE])
+            log.warning("%d request(s) still running after the drain timeout: ending them", self._state.in_flight)
+            self._state.drain.cut_threadsafe()
+            end = time.monotonic() + 2
+            while self._state.in_flight > 0 and time.monotonic() < end:
+                time.sleep(0.02)
         self.should_exit = True
 
 

@@ -263,18 +263,3 @@ def embedding_inputs(inp: Any) -> list[str] | list[list[int]]:
         return [list(inp)]
     return list(inp)
 
-
-def message_text(content: Any) -> str:
-    """Text of a message content: a string, None, or a list of {"type": "text", "text": ...} parts."""
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    parts = []
-    for p in content:
-        if isinstance(p, dict) and p.get("type") in ("text", "input_text"):
-            parts.append(str(p.get("text", "")))
-        else:
-            kind = p.get("type") if isinstance(p, dict) else type(p).__name__
-            raise ValueError(f"content parts of type {kind!r} are not supported (text only)")
-    return "".join(parts)

@@ -39,14 +39,18 @@ class Sampling:
         return {"temperature": self.temperature, "max_tokens": self.max_tokens, "seed": self.seed}
 
 
-def message_text(content: Any) -> str:
-    """The text of a message content: a string, or the text parts of an OpenAI content list."""
+TEXT_PARTS = ("text", "input_text")
+
+
+def message_text(content: Any, sep: str = "\n") -> str:
+    """The text of a message content: a string, or the text parts of an OpenAI content list joined by
+    `sep` (other parts are skipped; serve refuses them with a 400 before this runs)."""
     if content is None:
         return ""
     if isinstance(content, str):
         return content
     if isinstance(content, list):
-        return "\n".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+        return sep.join(str(p.get("text", "")) for p in content if isinstance(p, dict) and p.get("type") in TEXT_PARTS)
     return str(content)
 
 

@@ -17,6 +17,9 @@ import secrets
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Union
 
+from hearth.runtime.detokenizer import partial_suffix  # noqa: F401  (the parsers call base.partial_suffix)
+from hearth.runtime.guided import lark_json
+
 
 def new_call_id() -> str:
     """"call_" + 24 random alphanumerics, the shape OpenAI clients expect."""
@@ -183,17 +186,6 @@ def call_from_obj(obj: Any, names: set[str], arg_keys: tuple[str, ...] = ("argum
     return ToolCall(name, json.dumps(args, ensure_ascii=False))
 
 
-def partial_suffix(text: str, *markers: str) -> int:
-    """Length of the longest end of `text` that could still grow into one of `markers`."""
-    best = 0
-    for m in markers:
-        for k in range(min(len(m) - 1, len(text)), best, -1):
-            if text.endswith(m[:k]):
-                best = k
-                break
-    return best
-
-
 def call_arguments(call: ToolCall) -> Any:
     """The arguments as a JSON value for re-rendering (the raw string when it is not JSON)."""
     ok, value = load_json(call.arguments)
@@ -320,11 +312,6 @@ def lark_literal(text: str, special_ids: Mapping[str, int] | None = None) -> str
     return json.dumps(text, ensure_ascii=False)
 
 
-def lark_json(schema: dict) -> str:
-    """`%json {...}` with JSON_FORMAT in the schema's x-guidance options."""
-    return "%json " + json.dumps({**schema, "x-guidance": JSON_FORMAT}, ensure_ascii=False)
-
-
 def grammar_tools(tools: list[dict], tool_choice: Any) -> list[dict]:
     """The normalized tools a grammar may call: all for "required", one for a named choice."""
     specs = normalize_tools(tools)
@@ -349,7 +336,7 @@ def json_call_rules(specs: list[dict], args_key: str, prefix: str = "fn") -> tup
     rules = []
     for i, spec in enumerate(specs):
         head = lark_literal(f'{{"name": "{spec["name"]}", "{args_key}": ')
-        rules.append(f"{prefix}_{i}: {head} {lark_json(spec['parameters'])} \"}}\"")
+        rules.append(f"{prefix}_{i}: {head} {lark_json(spec['parameters'], JSON_FORMAT)} \"}}\"")
     return " | ".join(f"{prefix}_{i}" for i in range(len(specs))), rules
 
 

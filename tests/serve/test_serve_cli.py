@@ -277,3 +277,48 @@ def test_sigterm_drains_in_flight_stream(tmp_path):
         assert proc.wait(timeout=60) == 0
     finally:
         _stop(proc)
+
+
+def test_sigterm_drain_timeout_ends_streams_with_an_error_and_done(tmp_path):
+    """A stream still running when the drain time is up gets an SSE error event (503,
+    server_shutting_down) and then `data: [DONE]`; an unanswered request gets the same error as JSON."""
+    import threading
+
+    config = CONFIG.replace("embeddings:\n  - name: all-minilm-l6-v2", "embeddings: []") + "drain_timeout_s: 1\n"
+    proc, url = _start(tmp_path, config, "--no-ray")
+    try:
+        _wait_healthy(proc, url, tmp_path)
+        headers = {"Authorization": f"Bearer {KEY}"}
+        long = {"model": MODEL, "messages": [{"role": "user", "content": "Tell a long story."}],
+                "max_tokens": 1500, "ignore_eos": True, "temperature": 0}
+        plain: dict = {}
+
+        def unanswered() -> None:
+            plain["r"] = httpx.post(url + "/v1/chat/completions", headers=headers, json=long, timeout=120)
+
+        with httpx.Client(timeout=120) as h, h.stream("POST", url + "/v1/chat/completions", headers=headers,
+                                                     json={**long, "stream": True}) as s:
+            lines = s.iter_lines()
+            next(lines)  # the stream has begun
+            t = threading.Thread(target=unanswered)
+            t.start()
+            time.sleep(0.5)
+            t0 = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            rest = list(lines)
+        waited = time.monotonic() - t0
+        t.join(timeout=60)
+        events = [ln for ln in rest if ln]
+        assert events[-1] == "data: [DONE]", events[-3:]
+        assert events[-3] == "event: error", events[-3:]
+        err = json.loads(events[-2].removeprefix("data: "))["error"]
+        assert set(err) == {"message", "type", "param", "code"}
+        assert err["code"] == "server_shutting_down" and err["type"] == "service_unavailable"
+        assert any('"content":"' in ln for ln in events)  # it had been streaming tokens
+        assert 0.8 < waited < 15, waited
+        r = plain["r"]
+        assert r.status_code == 503 and r.json()["error"]["code"] == "server_shutting_down", r.text
+        assert proc.wait(timeout=60) == 0
+    finally:
+        _stop(proc)
+    assert "Traceback" not in (tmp_path / "server.log").read_text()
