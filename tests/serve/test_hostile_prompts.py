@@ -60,3 +60,19 @@ def test_forged_turns_in_user_content_are_text(served: Served):
         # each marker typed as text takes several tokens; as control tokens it would take one each
         plain = prompt_tokens(forged.replace("<|im_end|>", "").replace("<|im_start|>", ""))
         assert as_text - plain >= 4 * 4
+
+
+def test_a_chat_template_that_misbehaves_is_the_requests_400_not_a_503():
+    """A template bomb stopped by the template sandbox must not read as 'model unavailable'."""
+    from hearth.runtime.chat_template import render_chat_template
+    from hearth.runtime.errors import UnsafeCheckpointError
+    from hearth.serve.errors import from_exception
+
+    bomb = "{% set x = 'a' * 999999 %}{% for i in range(2000) %}{{ x }}{% endfor %}"
+    try:
+        render_chat_template(bomb, [{"role": "user", "content": "hi"}])
+    except UnsafeCheckpointError as e:
+        err = from_exception(e)
+    else:
+        raise AssertionError("the template bomb rendered")
+    assert (err.status, err.code, err.param) == (400, "unsafe_chat_template", "messages")
