@@ -12,6 +12,8 @@
     hearth rag ingest docs/ --index notes && hearth rag query "question" --index notes
     hearth agent run "What is 17*23?" --strategy react --tools calculator --url http://127.0.0.1:8000/v1
     hearth demo [--url http://127.0.0.1:8000/v1] [--api-key K] [--port 7860]   # Gradio chat UI
+    hearth --version
+    hearth --verbose COMMAND ...   # the libraries' warnings and INFO logs too (hidden by default)
 
 Each command group lives in its own module with `add_parser(subparsers)`; this file only dispatches.
 """
@@ -38,11 +40,17 @@ COMMANDS = {
     "agent": "cmd_agent",
     "demo": "cmd_demo",
 }
+# commands that set up their own logging and environment (a server's log, a training run's)
+OWN_OUTPUT = ("train", "serve")
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     """The parser of every command, or of `only` (one command is enough to run it, and keeps start-up lean)."""
     parser = argparse.ArgumentParser(prog="hearth", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=f"hearth {version()}")
+    parser.add_argument("--verbose", action="store_true",
+                        help="also print the libraries' warnings and INFO logs (hidden by default); "
+                             "may stand anywhere on the line")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     modules = [COMMANDS[only]] if only in COMMANDS else list(dict.fromkeys(COMMANDS.values()))
@@ -57,11 +65,23 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as package_version
+    try:
+        return package_version("hearth-llm")
+    except PackageNotFoundError:  # a source tree that was never installed
+        return "unknown"
+
+
 def main(argv: list[str] | None = None) -> int:
     from hearth.runtime.checkpoint import PickleRefusedError
     from hearth.runtime.errors import HearthError
+    from hearth.runtime.quiet import pop_verbose, setup_output
 
-    argv = sys.argv[1:] if argv is None else argv
+    argv, verbose = pop_verbose(sys.argv[1:] if argv is None else list(argv))
+    if not argv or argv[0] not in OWN_OUTPUT:
+        setup_output(verbose)  # offline and quiet, before any command loads torch or transformers
     parser = build_parser(argv[0] if argv and argv[0] in COMMANDS else None)
     # `key=value` overrides may follow the options (`hearth train sft --config r.yaml max_steps=5`)
     args, extra = parser.parse_known_args(argv)

@@ -35,13 +35,20 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from hearth.runtime.planner import DEVICES, PRESETS, format_plan, plan
-    from hearth.runtime.registry import resolve_model
+    from hearth.runtime.errors import ModelNotFoundError
+    from hearth.runtime.planner import DEVICES, PRESETS, format_plan, plan, unknown_model_message
+    from hearth.runtime.registry import list_models, looks_like_path, resolve_model
 
     model = args.model
     if model.lower() not in PRESETS:
         # a path as given, or a cached model by name (its GGUF: metadata is all the planner needs)
-        model = str(resolve_model(model, prefer="gguf"))
+        try:
+            model = str(resolve_model(model, prefer="gguf"))
+        except ModelNotFoundError:
+            if looks_like_path(model):
+                raise
+            cached = sorted({e.name for e in list_models() if e.error is None})
+            raise ModelNotFoundError(unknown_model_message(model, cached)) from None
     quant = args.quant or ("fp16" if DEVICES[args.device][1] else "fp32")
     result = plan(model, args.device, args.context, args.concurrency, quant,
                   memory_gb=args.memory_gb, prefill_chunk=args.prefill_chunk)

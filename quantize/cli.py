@@ -3,9 +3,10 @@
     quantize gptq CKPT --bits 4 --group-size 128 [--desc-act] [--calib builtin|FILE] -o OUT [--force]
     quantize bnb CKPT --int8|--nf4 [--double-quant] -o OUT [--force]
     quantize merge --base BASE --adapter LORA [--base-4bit] -o OUT [--force]
-    quantize gguf CKPT --type f16|q8_0|q4_0|q4_k_m|q5_k_m -o OUT.gguf [--force]
+    quantize gguf CKPT --type q4_k_m|q5_k_m|q8_0|q4_0|f16|bf16|f32 -o OUT.gguf [--force]
     quantize recipe RECIPE.yaml [--force] [--only NAME ...]
-    quantize report ARTIFACT [--against PARENT] [--max-ppl-increase PCT] [--quick]
+    quantize report ARTIFACT [--against PARENT] [--max-ppl-increase PCT] [--quick] [--no-cache]
+    quantize --verbose ...   # the libraries' warnings and INFO logs too (hidden by default)
 
 CKPT is an HF checkpoint dir or a registered model name (`smollm2-135m-instruct` is the bundled one).
 gptq/bnb/merge/gguf take `--report` (and `--max-ppl-increase`) to measure the new artifact at once.
@@ -18,7 +19,6 @@ killed run left beside OUT are removed by the next run).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -29,6 +29,9 @@ EXIT_ERROR = 2
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="quantize", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"quantize (hearth) {_version()}")
+    p.add_argument("--verbose", action="store_true",
+                   help="also print the libraries' warnings and INFO logs (hidden by default); may stand anywhere")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
@@ -70,10 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
     with_report(m)
     m.set_defaults(func=cmd_merge)
 
+    from .gguf import GGUF_TYPES  # the converter's own table: help and error list the same types
+
     f = sub.add_parser("gguf", help="hearth's HF -> GGUF converter, then llama.cpp's quantizer")
     f.add_argument("ckpt", metavar="CKPT")
     f.add_argument("--type", dest="qtype", default="q4_k_m",
-                   help="f16, q8_0, q4_0, q4_k_m or q5_k_m (default q4_k_m)")
+                   help=f"one of {', '.join(GGUF_TYPES)} (default q4_k_m)")
     with_report(f)
     f.set_defaults(func=cmd_gguf)
 
@@ -96,6 +101,14 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--no-save", action="store_true", help="print only; do not write into the artifact")
     q.set_defaults(func=cmd_report)
     return p
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("hearth-llm")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 def _source(name_or_path: str) -> Path:
@@ -202,8 +215,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from .common import QualityGateError
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local; never wait on a model hub
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    from hearth.runtime.quiet import pop_verbose, setup_output
+
+    argv, verbose = pop_verbose(sys.argv[1:] if argv is None else list(argv))
+    setup_output(verbose)  # offline (everything is local) and quiet, before torch and transformers load
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)

@@ -15,6 +15,7 @@ MODEL is a preset name (PRESETS), an HF checkpoint directory (config.json) or a 
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 import os
@@ -88,8 +89,19 @@ def load_shape(model: str) -> ModelShape:
         if is_gguf(model):  # the format is decided by content, never by file name
             return _shape_from_gguf(model)
         raise ModelLoadError(f"{model} is neither an HF checkpoint directory nor a GGUF file")
-    raise ModelNotFoundError(
-        f"no model {model!r}: not a path, and not a preset ({', '.join(sorted(PRESETS))})")
+    raise ModelNotFoundError(unknown_model_message(model))
+
+
+def unknown_model_message(model: str, cached: list[str] | tuple[str, ...] = ()) -> str:
+    """One line for a MODEL that is no path, preset or cached name: the nearest names, then every one."""
+    known = sorted(PRESETS) + sorted(set(cached) - set(PRESETS))
+    near = difflib.get_close_matches(model.lower(), known, n=1, cutoff=0.6)
+    hint = f"did you mean {near[0]}? " if near else ""
+    where = "not a path, a preset or a cached model" if cached else "not a path, and not a preset"
+    listing = f"presets: {', '.join(sorted(PRESETS))}"
+    if cached:
+        listing += f"; cached (`hearth models list`): {', '.join(sorted(cached))}"
+    return f"no model {model!r}: {where}; {hint}{listing}"
 
 
 def _shape_from_hf_config(path: str, name: str) -> ModelShape:

@@ -126,7 +126,7 @@ def list_models() -> list[ModelEntry]:
     return entries
 
 
-def _looks_like_path(s: str) -> bool:
+def looks_like_path(s: str) -> bool:
     return os.sep in s or "/" in s or s.startswith((".", "~")) or s.endswith((".gguf", ".safetensors"))
 
 
@@ -142,7 +142,7 @@ def resolve_model(name_or_path: str | os.PathLike, prefer: str = "gguf") -> Path
     if p.exists():
         return p.absolute()
     name = str(name_or_path)
-    if _looks_like_path(name):
+    if looks_like_path(name):
         raise ModelNotFoundError(f"no model at {p} (path does not exist)")
 
     if name == DEFAULT_MODEL:

@@ -12,30 +12,15 @@ import sys
 import pytest
 
 from hearth.clients.cli import main
+from tests.offline_child import NO_NETWORK, REPORT_NETWORK
 
 # Runs `hearth ARGS` as a user would (HF_HUB_OFFLINE unset), then imports bitsandbytes as every command that
 # loads an int8/nf4 model does: bitsandbytes probes a kernel hub on import. Every network lookup is recorded.
-_CHILD = """
-import socket, sys
-tried = []
-def resolve(host, *a, **kw):
-    if host not in ("localhost", "127.0.0.1", "::1", None):
-        tried.append(repr(host))
-        raise socket.gaierror("name lookup refused by the test")
-    return _resolve(host, *a, **kw)
-def connect(self, address, *a):
-    if self.family != socket.AF_UNIX and address[0] not in ("127.0.0.1", "::1"):
-        tried.append(repr(address))
-        raise OSError("network refused by the test")
-    return _connect(self, address, *a)
-_resolve, _connect = socket.getaddrinfo, socket.socket.connect
-socket.getaddrinfo, socket.socket.connect = resolve, connect
+_CHILD = NO_NETWORK + """
 from hearth.clients.cli import main
 rc = main(sys.argv[1:])
 import bitsandbytes.functional
-print("NETWORK:", tried, file=sys.stderr)
-sys.exit(rc)
-"""
+""" + REPORT_NETWORK + "sys.exit(rc)\n"
 
 
 def _hearth_child(args: list[str], tmp_path) -> subprocess.CompletedProcess:

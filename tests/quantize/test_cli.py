@@ -18,6 +18,7 @@ from hearth.quantize.common import QuantizeError
 from hearth.quantize.recipe import load_recipe
 
 from tests.conftest import build_tiny_model
+from tests.offline_child import NO_NETWORK, REPORT_NETWORK
 
 
 @pytest.fixture(scope="module")
@@ -78,6 +79,66 @@ def test_unknown_gguf_type_is_refused(tiny, tmp_path, capsys):
     assert main(["gguf", str(tiny), "--type", "q3_xs", "-o", str(tmp_path / "o.gguf")]) == 2
     err = capsys.readouterr().err
     assert "q3_xs" in err and "q4_k_m" in err
+
+
+def test_gguf_help_lists_every_type_its_error_lists(tiny, tmp_path, capsys):
+    from hearth.quantize.gguf import GGUF_TYPES
+    with pytest.raises(SystemExit):
+        main(["gguf", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert main(["gguf", str(tiny), "--type", "q3_xs", "-o", str(tmp_path / "o.gguf")]) == 2
+    err = capsys.readouterr().err
+    for t in GGUF_TYPES:
+        assert t in help_text and t in err
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.startswith("quantize (hearth) ")
+
+
+# A child process that records every attempt to open a network connection (and refuses it), then runs
+# `quantize` as a user would: HF_HUB_OFFLINE unset, bitsandbytes imported (it probes a kernel hub on import).
+_NO_NETWORK = NO_NETWORK + """
+from hearth.quantize.cli import main
+rc = main(sys.argv[1:])
+""" + REPORT_NETWORK + "sys.exit(rc)\n"
+
+
+def _quantize_child(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "TRANSFORMERS_VERBOSITY")}
+    env["HEARTH_HOME"] = str(tmp_path / "home")
+    return subprocess.run([sys.executable, "-c", _NO_NETWORK, *args], env=env, capture_output=True, text=True,
+                          timeout=240, cwd=tmp_path)
+
+
+def test_bnb_reaches_no_network_and_prints_no_library_noise(tiny, tmp_path):
+    p = _quantize_child(["bnb", str(tiny), "--int8", "-o", str(tmp_path / "int8")], tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "NETWORK: []" in p.stderr
+    for noise in ("kernels-community", "trust_remote_code", "Enum subclass", "Setting accelerator",
+                  "Warning", "WARNING", "deprecated"):
+        assert noise not in p.stderr, p.stderr[-3000:]
+
+
+def test_verbose_brings_the_library_warnings_back(tmp_path):
+    # logged the way bitsandbytes and DeepSpeed log (DeepSpeed resets its level on import)
+    code = ("import logging, sys\n"
+            "from hearth.runtime.quiet import setup_output, pop_verbose\n"
+            "argv, verbose = pop_verbose(sys.argv[1:])\n"
+            "setup_output(verbose)\n"
+            "logging.getLogger('DeepSpeed').setLevel(logging.WARNING)\n"
+            "logging.getLogger('bitsandbytes.backends.cpu.ops').warning('Failed to load CPU gemm_4bit_forward')\n"
+            "logging.getLogger('DeepSpeed').warning('Setting accelerator to CPU')\n"
+            "logging.getLogger('hearth.x').warning('hearth says this')\n"
+            "import warnings; warnings.warn('old api', FutureWarning)\n")
+    quiet = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    loud = subprocess.run([sys.executable, "-c", code, "--verbose"], capture_output=True, text=True, timeout=60)
+    assert "hearth says this" in quiet.stderr
+    assert "gemm_4bit" not in quiet.stderr and "accelerator" not in quiet.stderr and "old api" not in quiet.stderr
+    assert "gemm_4bit" in loud.stderr and "accelerator" in loud.stderr and "old api" in loud.stderr
 
 
 def test_gguf_with_report_and_gate(tiny, tmp_path, capsys):

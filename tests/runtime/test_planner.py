@@ -225,6 +225,19 @@ def test_cli(capsys, monkeypatch, tmp_path):
     assert main(["plan", "no-such-model"]) == 2
 
 
+def test_a_near_miss_names_the_preset_and_lists_them_all(capsys, monkeypatch, tmp_path):
+    from hearth.clients.cli import main
+
+    monkeypatch.setenv("HEARTH_HOME", str(tmp_path))
+    assert main(["plan", "llama-3-8"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err  # one line
+    assert "did you mean llama-3-8b?" in err
+    assert all(name in err for name in PRESETS)
+    with pytest.raises(ModelNotFoundError, match="did you mean mistral-7b"):
+        load_shape("mistral-7")
+
+
 # ---- measured: the estimate against what transformers really allocates ----------------------
 
 
