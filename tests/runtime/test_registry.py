@@ -211,7 +211,8 @@ def test_default_model_without_package(home, fake_default, monkeypatch):
         resolve_model(DEFAULT_MODEL)
 
 
-def test_cli_models(home, fake_default, capsys):
+def test_cli_models(home, fake_default, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no ./runs or ./out here
     assert cli.main(["models", "list"]) == 0
     assert "hearth models prepare" in capsys.readouterr().err
     assert cli.main(["models", "prepare"]) == 0
@@ -277,3 +278,47 @@ def test_prepare_default_model_real(home, monkeypatch):
     again = prepare_default_model()
     assert time.monotonic() - start < 2.0 and again.path == entry.path
     assert {e.format for e in list_models() if e.name == DEFAULT_MODEL} == {"gguf", "hf-safetensors"}
+
+
+def _gguf_with_manifest(path: Path, manifest: Manifest) -> Path:
+    import gguf
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_string(registry.GGUF_MANIFEST_KEY, json.dumps(manifest.to_dict()))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_models_list_shows_the_checkpoints_under_runs_and_out(home, tmp_path, monkeypatch, capsys):
+    work = tmp_path / "work"
+    base = make_hf_dir(work / "base")
+    merged = make_hf_dir(work / "runs" / "sft-merged")
+    write_manifest(merged, Manifest(stage="sft", method="sft-lora",
+                                    parent=Parent(path=str(base), content_hash=content_hash(base))))
+    make_hf_dir(merged / "checkpoint-10")  # a resume state inside a run: not listed on its own
+    lora = work / "runs" / "sft-lora"
+    (lora / "adapter").mkdir(parents=True)
+    (lora / "adapter" / "adapter_config.json").write_text("{}")
+    write_manifest(lora, Manifest(stage="sft", method="sft-lora", parent=Parent(str(base), content_hash(base))))
+    (work / "out").mkdir()
+    _gguf_with_manifest(work / "out" / "sft-merged.q4_k_m.gguf",
+                        Manifest(stage="quantized", method="gguf-q4_k_m", parent=Parent(str(merged), "0" * 64)))
+    make_hf_dir(work / "out" / "no-manifest")  # a folder without hearth.json is not a hearth checkpoint
+    monkeypatch.chdir(work)
+
+    assert cli.main(["models", "list", "--json"]) == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    assert set(rows) == {"runs/sft-merged", "runs/sft-lora", "out/sft-merged.q4_k_m.gguf"}
+    assert rows["runs/sft-merged"]["stage"] == "sft" and rows["runs/sft-merged"]["parent"] == str(base)
+    assert rows["runs/sft-merged"]["format"] == "hf-safetensors" and rows["runs/sft-merged"]["source"] == "local"
+    assert rows["runs/sft-lora"]["format"] == "lora-adapter"
+    gg = rows["out/sft-merged.q4_k_m.gguf"]
+    assert gg["format"] == "gguf" and gg["stage"] == "quantized" and gg["lineage"] == [str(merged), str(base)]
+
+    assert cli.main(["models", "list"]) == 0
+    table = capsys.readouterr().out
+    assert "runs/sft-merged" in table and "out/sft-merged.q4_k_m.gguf  gguf" in table
+    gguf_row = next(line for line in table.splitlines() if line.startswith("out/"))
+    assert gguf_row.endswith("  runs/sft-merged")  # the parent, as a path from here
