@@ -3,8 +3,20 @@
 from __future__ import annotations
 
 
+def rebuilt_exception(cls: type, args: tuple, state: dict) -> BaseException:
+    """An exception unpickled from its args and attributes, without its __init__ (whose parameters need
+    not be its args): how an error crosses to another process (a Ray replica's to the ingress)."""
+    e = cls.__new__(cls)
+    e.args = args
+    e.__dict__.update(state)
+    return e
+
+
 class HearthError(Exception):
     """Base class of every error hearth raises on purpose."""
+
+    def __reduce__(self):
+        return rebuilt_exception, (type(self), self.args, self.__dict__)
 
 
 class InvalidRequestError(HearthError, ValueError):

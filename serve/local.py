@@ -10,7 +10,10 @@ running then are ended with a 503 (a stream gets an SSE error event and `data: [
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
+import os
 import socket
 import threading
 import time
@@ -18,12 +21,73 @@ from contextlib import contextmanager
 from typing import Any, Iterator
 
 import uvicorn
+from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
 from .app import build_app
 from .config import ServeConfig
+from .errors import header_timeout
 from .router import Router, load_local
 
 log = logging.getLogger("hearth.serve")
+
+
+def http_timeouts() -> tuple[float, float]:
+    """Seconds a client gets to send a request's headers (HEARTH_HTTP_HEADER_TIMEOUT_S, default 10)
+    and that a kept-alive connection may stay idle between requests (HEARTH_HTTP_IDLE_TIMEOUT_S,
+    default 30): uvicorn here, HAProxy under Ray (ray_app._haproxy_wrapper). Neither times a
+    response, so a stream runs as long as it sends."""
+    def seconds(name: str, default: float) -> float:
+        value = float(os.environ.get(name, default))
+        if not value > 0:
+            raise ValueError(f"{name} must be a number of seconds above 0, not {value}")
+        return value
+
+    return seconds("HEARTH_HTTP_HEADER_TIMEOUT_S", 10), seconds("HEARTH_HTTP_IDLE_TIMEOUT_S", 30)
+
+
+class _HeaderDeadline(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
+    """uvicorn's HTTP protocol, plus a deadline for each request's headers: from the connection's
+    start, or from the first byte of a request that follows another. A client too slow gets a 408
+    and the connection is closed. uvicorn times only an idle kept-alive connection, and a byte
+    resets that: a client sending a header byte every few seconds (slowloris) held its connection
+    for ever."""
+
+    header_timeout_s = 10.0
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self._awaited_after = None  # the request before the one whose headers are awaited
+        self._deadline: asyncio.TimerHandle | None = asyncio.get_running_loop().call_later(
+            self.header_timeout_s, self._headers_too_slow)
+
+    def data_received(self, data: bytes) -> None:
+        if self._deadline is None and (self.cycle is None or self.cycle.response_complete):
+            self._awaited_after = self.cycle  # a new request begins
+            self._deadline = asyncio.get_running_loop().call_later(self.header_timeout_s,
+                                                                   self._headers_too_slow)
+        super().data_received(data)
+        if self._deadline is not None and self.cycle is not self._awaited_after:  # its headers are in
+            self._deadline.cancel()
+            self._deadline = None
+
+    def connection_lost(self, exc) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+        super().connection_lost(exc)
+
+    def _headers_too_slow(self) -> None:
+        self._deadline = None
+        if self.transport.is_closing() or self.cycle is not self._awaited_after:
+            return
+        body = json.dumps(header_timeout(self.header_timeout_s).body()).encode()
+        self.transport.write(b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
+                             b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body))
+        self.transport.close()
+
+
+def _protocol(header_timeout_s: float) -> type:
+    return type("HeaderDeadlineProtocol", (_HeaderDeadline,), {"header_timeout_s": header_timeout_s})
 
 
 class _DrainingServer(uvicorn.Server):
@@ -69,7 +133,9 @@ class LocalServer:
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind((config.host, config.port))
         self.port = self.sock.getsockname()[1]
-        ucfg = uvicorn.Config(self.app, log_level="warning", access_log=False,
+        header_s, idle_s = http_timeouts()
+        ucfg = uvicorn.Config(self.app, log_level="warning", access_log=False, http=_protocol(header_s),
+                              timeout_keep_alive=idle_s,
                               timeout_graceful_shutdown=max(1, int(config.drain_timeout_s)), lifespan="off")
         self.server = _DrainingServer(ucfg, self.app.state, config.drain_timeout_s)
 

@@ -15,10 +15,24 @@ Two layouts, chosen from models.yaml:
 Either way the app is the same FastAPI app as `--no-ray`. In front of it, the Ray that `hearth
 serve` starts puts HAProxy with direct ingress where ray[serve] ships it (Linux), else Ray's Python
 proxy; `_local_ray_env` says what else it sets and why.
+
+What listens where. The Ray that `hearth serve` starts is one node on loopback: its GCS, raylet,
+agents, workers and replicas, and HAProxy's stats page and exporter, listen on 127.0.0.1 only,
+whatever `--host` says; only the HTTP front end (HAProxy, or Ray's proxy without it) listens on
+`--host`. (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1 in its environment gives that Ray its usual
+network-wide node address instead.) A multi-node cluster (`--address`) is Ray's own, started with
+`ray start`: its nodes must reach each other's Ray ports, which Ray opens on every interface or the
+node address (GCS 6379, raylet, object manager, dashboard agent 52365, runtime-env agent, metrics,
+each worker's and each Serve replica's gRPC port) and, with HAProxy, HAProxy's stats page and
+exporter on all interfaces. Keep those on a private network that clients cannot reach (a firewall
+or security group admitting only the cluster's nodes), keep Ray's token authentication on
+(RAY_AUTH_MODE=token, the same token on every node), start the head with `--dashboard-host
+127.0.0.1`, and give clients only `--host`:`--port`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -27,6 +41,7 @@ import signal
 import threading
 import time
 from typing import Any, AsyncIterator
+from unittest import mock
 
 import ray
 from hearth.runtime.errors import CapacityError, EngineDeadError
@@ -35,10 +50,37 @@ from ray.serve.config import HTTPOptions
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
 from .config import EmbeddingConfig, ModelConfig, ServeConfig
-from .errors import RETRY_AFTER_S, unavailable
+from .errors import RETRY_AFTER_S, APIError, unavailable, unwrap, wraps_errors
+from .local import http_timeouts
 from .router import EmbeddingInfo, Router
 
 log = logging.getLogger("hearth.serve")
+LOOPBACK = "127.0.0.1"
+# an error a replica raised reaches the caller inside a RayTaskError: mapped by the replica's error
+wraps_errors(ray.exceptions.RayTaskError)
+
+
+def _replica_grpc_on_loopback() -> None:
+    """Each Serve replica opens a gRPC port for calls from other deployments, on every interface
+    ("[::]:0", no setting). On a Ray whose node address is loopback (the one `hearth serve`
+    starts) it is opened on 127.0.0.1 instead, where the callers reach it. Each deployment's
+    __init__ calls this (the replica opens that port after it): a deployment class is shipped to
+    its replica by value, which need not import this module."""
+    from ray.serve._private import replica
+
+    add = getattr(replica, "add_port_to_grpc_server", None)
+    if add is None or getattr(add, "hearth_loopback", False):
+        return
+
+    def add_port(server, address: str):
+        if address.startswith("[::]:") and ray.is_initialized() and \
+                ray.util.get_node_ip_address() in (LOOPBACK, "::1"):
+            address = LOOPBACK + address[len("[::]"):]
+        return add(server, address)
+
+    add_port.hearth_loopback = True
+    replica.add_port_to_grpc_server = add_port
+
 
 APP_NAME = "hearth"
 _haproxy_dir: str | None = None  # the HAProxy folder of the Ray this process started
@@ -70,6 +112,7 @@ class ChatModel(_EngineReplica):
     """One replica: one engine for one configured model."""
 
     def __init__(self, config: ModelConfig, chat_template: str | None):
+        _replica_grpc_on_loopback()
         from .model_service import ModelService
 
         self.svc = ModelService(config, chat_template=chat_template)
@@ -94,6 +137,7 @@ class ChatModel(_EngineReplica):
 @serve.deployment
 class EmbeddingModel:
     def __init__(self, config: EmbeddingConfig):
+        _replica_grpc_on_loopback()
         from .embeddings import EmbeddingService
 
         self.svc = EmbeddingService(config.name, path=config.path, device=config.device,
@@ -118,20 +162,8 @@ class RemoteChat:
     async def info(self):
         return await self.handle.info.remote()
 
-    async def generate(self, request, want_bytes: bool = False, echo_bytes: bool = False) -> AsyncIterator:
-        gen = self.stream_handle.generate.remote(request, want_bytes, echo_bytes)
-        finished = False
-        try:
-            async for item in gen:
-                yield item
-            finished = True
-        except (BackPressureError, DeploymentUnavailableError) as e:
-            raise CapacityError(f"the model's replicas are saturated ({type(e).__name__})") from None
-        except ray.exceptions.RayActorError as e:
-            raise EngineDeadError(f"the model replica died: {e}") from None
-        finally:
-            if not finished:
-                gen.cancel()  # the replica's generator is cancelled, which aborts the engine request
+    def generate(self, request, want_bytes: bool = False, echo_bytes: bool = False) -> AsyncIterator:
+        return _streamed(lambda: self.stream_handle.generate.remote(request, want_bytes, echo_bytes), "model")
 
     async def stats(self):
         return await self.handle.stats.remote()
@@ -153,8 +185,8 @@ class RemoteEmbedding:
     async def embed(self, inputs, dimensions=None):
         try:
             return await self.handle.embed.remote(inputs, dimensions)
-        except (BackPressureError, DeploymentUnavailableError) as e:
-            raise CapacityError(f"the embedding replicas are saturated ({type(e).__name__})") from None
+        except Exception as e:
+            raise _local(e, "embedding model") from None
 
 
 @serve.deployment
@@ -162,6 +194,7 @@ class Agents:
     """RAG indexes and agent runs, composed with the chat deployments through their handles."""
 
     async def __init__(self, config: ServeConfig, chat: dict[str, Any]):
+        _replica_grpc_on_loopback()
         from .agents_service import AgentService
 
         router = Router()
@@ -194,28 +227,46 @@ class RemoteAgents:
         async def call(*args):
             try:
                 return await self.handle.call.remote(method, *args)
-            except ray.exceptions.RayTaskError as e:
-                raise _cause(e) from None
+            except Exception as e:
+                raise _local(e, "agents") from None
         return call
 
-    async def run(self, req) -> AsyncIterator:
-        gen = self.stream_handle.run.remote(req)
-        finished = False
-        try:
-            async for event in gen:
-                yield event
-            finished = True
-        except ray.exceptions.RayTaskError as e:
-            raise _cause(e) from None
-        finally:
-            if not finished:
+    def run(self, req) -> AsyncIterator:
+        return _streamed(lambda: self.stream_handle.run.remote(req), "agents")
+
+
+async def _streamed(call, what: str) -> AsyncIterator:
+    """The items of the streaming handle call that `call()` makes, Ray's errors as `_local` gives
+    them. Leaving early cancels the call on its replica (for a model: the engine request is aborted)."""
+    gen = None
+    finished = False
+    try:
+        gen = call()  # Ray may refuse at once (BackPressureError), or in the stream
+        async for item in gen:
+            yield item
+        finished = True
+    except Exception as e:
+        raise _local(e, what) from None
+    finally:
+        if not finished and gen is not None:
+            try:
                 gen.cancel()
+            except Exception:  # refused before a replica took it (cancel re-raises that): nothing runs
+                pass
 
 
-def _cause(e: BaseException) -> BaseException:
-    """The exception the replica raised (APIError, HearthError ...), not Ray's wrapper of it."""
-    cause = getattr(e, "cause", None)
-    return cause if isinstance(cause, BaseException) else e
+def _local(e: BaseException, what: str) -> BaseException:
+    """What a deployment handle raised, as the app would see it from the in-process service (`--no-ray`):
+    the error the replica raised (HearthError, APIError ...) taken out of Ray's RayTaskError, Ray's
+    refusals as CapacityError and a lost replica as EngineDeadError. Ray's own text (node address, pid,
+    actor id, traceback) goes to the log only; anything else is left to the app's generic 500."""
+    e = unwrap(e)
+    if isinstance(e, (BackPressureError, DeploymentUnavailableError)):
+        return CapacityError(f"the {what} replicas are saturated")
+    if isinstance(e, ray.exceptions.RayActorError):  # ActorDiedError, ActorUnavailableError
+        log.warning("a %s replica was lost: %s", what, e)
+        return EngineDeadError(f"a {what} replica stopped; retry shortly")
+    return e
 
 
 @serve.deployment
@@ -224,6 +275,7 @@ class Ingress:
     """The FastAPI app of app.py, its clients being the model deployments' handles."""
 
     async def __init__(self, config: ServeConfig, chat: dict[str, Any], embeddings: dict[str, Any], agents=None):
+        _replica_grpc_on_loopback()
         from .app import build_app
 
         router = Router()
@@ -252,6 +304,7 @@ class ServedModel(_EngineReplica):
 
     async def __init__(self, config: ServeConfig, model: ModelConfig, chat_template: str | None,
                        embeddings: dict[str, Any]):
+        _replica_grpc_on_loopback()
         from .app import build_app
         from .model_service import ModelService
 
@@ -295,8 +348,11 @@ def _model_options(m: ModelConfig, config: ServeConfig) -> dict[str, Any]:
     opts: dict[str, Any] = {
         "name": f"chat-{_slug(m.name)}",
         "ray_actor_options": {"num_cpus": m.num_cpus, "num_gpus": m.num_gpus},
-        # the engine queues and batches: let Ray hand it everything up to its own queue limit
+        # the engine queues and batches: let Ray hand it everything up to its own queue limit; beyond
+        # that, as many again wait at each caller and the rest get 429 (BackPressureError), not an
+        # unbounded wait
         "max_ongoing_requests": m.max_num_seqs + m.max_queued_requests,
+        "max_queued_requests": m.max_queued_requests,
         "health_check_period_s": _HEALTH_PERIOD_S,
         "graceful_shutdown_timeout_s": config.drain_timeout_s,
     }
@@ -344,21 +400,26 @@ def _slug(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "-" for c in name)
 
 
-def _local_ray_env() -> dict[str, str]:
+def _local_ray_env(host: str = LOOPBACK) -> dict[str, str]:
     """Settings for the Ray that `hearth serve` starts itself (bench/RESULTS.md, "One hop, HAProxy in
-    front, Ray's background work trimmed").
+    front, Ray's background work trimmed"), its HTTP front end on `host`.
 
+    - Ray on loopback: its node address is 127.0.0.1 (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 is how Ray
+      names a one-machine Ray; `init_ray` applies it), so that its GCS, raylet, agents and workers
+      listen on 127.0.0.1 only.
     - HAProxy in front (shipped with ray[serve] on Linux) instead of Ray's Python proxy, with direct
       ingress: the ingress replica answers HTTP itself, so no Ray hop carries the streamed tokens
       when the app runs in the model's replica (ServedModel). Its files go in a folder of this
       server's own, its stats page, exporter and fallback Python proxy on free ports, and its metrics
       collection is off: /metrics is the app's. Ray starts it through `_haproxy_wrapper` (no kernel
-      splicing, OpenAI-shaped answers of its own).
+      splicing, OpenAI-shaped answers of its own, header and idle timeouts, only its front end on
+      `host`).
     - Ray's own background work cut down: the Serve controller's loop every 0.5 s instead of 0.1 s,
       Serve's metrics cache flushed every second, Ray's own metrics collection off. Idle, these took
       Ray's processes from ~15% of a core to 8-12%, which a 2-core machine gives back to the engine.
     A variable already set in the environment wins."""
     env = {
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
         "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5",
         "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": "1000",
         "RAY_enable_metrics_collection": "0",
@@ -369,7 +430,7 @@ def _local_ray_env() -> dict[str, str]:
         d = tempfile.mkdtemp(prefix="hearth-haproxy-")
         env.update({
             # no kernel splicing, and OpenAI-shaped answers of HAProxy's own (_haproxy_wrapper)
-            "RAY_SERVE_HAPROXY_BINARY_PATH": _haproxy_wrapper(d, _haproxy_binary()),
+            "RAY_SERVE_HAPROXY_BINARY_PATH": _haproxy_wrapper(d, _haproxy_binary(), host),
             "RAY_SERVE_ENABLE_HA_PROXY": "1",
             # a stopping replica waits this long for the load balancer to drop it (Ray's default 30 s
             # is for remote load balancers; HAProxy here is told at once)
@@ -394,43 +455,75 @@ def _free_port() -> int:
     import socket
 
     with socket.socket() as s:
-        s.bind(("", 0))
+        s.bind((LOOPBACK, 0))
         return s.getsockname()[1]
 
 
-def _haproxy_wrapper(folder: str, binary: str) -> str:
-    """An executable in `folder` that Ray starts in place of HAProxy's binary. Before it runs `binary`:
+def _haproxy_wrapper(folder: str, binary: str, host: str = LOOPBACK) -> str:
+    """An executable in `folder` that Ray starts in place of HAProxy's binary. It edits the config Ray
+    wrote (where it is, so that an HAProxy (re)started by Ray always reads the edits; a template
+    that no longer has a line edited here is left as it is), then runs `binary`:
     - kernel splicing off (-dS): with it, HAProxy noticed a client that hung up mid-stream only
       seconds later, and the abandoned streams kept decoding;
     - HAProxy's own answers in OpenAI's envelope: Ray's template answers a request before the app is
       deployed with a plain-text 404 and normalizes 502/503/504 (no replica up) to a plain-text 500.
-      Both become a 503 with Retry-After; the config Ray wrote and its error file are edited where
-      they are, so an HAProxy (re)started by Ray always reads them. A template that no longer has
-      these lines is left as it is."""
+      Both become a 503 with Retry-After;
+    - a request's headers (and its body up to HAProxy's buffer) must arrive within the header
+      timeout, and a kept-alive connection is closed after the idle timeout (`http_timeouts`):
+      Ray's template sets no request timeout, so a client sending a header byte now and then held
+      its connection for the hour of `timeout client`. A response being streamed is not timed by
+      either (`timeout client` stays Ray's hour of inactivity). HAProxy 2.8 answers the slow client
+      with its own HTML 408 (it does not apply an errorfile to it);
+    - the stats page and the Prometheus exporter on loopback (Ray's template: every interface), and
+      the front end on `host`: Ray is told to serve on loopback (`deploy`), so that the replicas'
+      own HTTP ports and the fallback proxy stay there, and only HAProxy's front end moves."""
     import shlex
 
     def page(message: str) -> bytes:
         return json.dumps(unavailable(message).body()).encode()
 
+    def error_file(name: str, status_line: bytes, err: APIError) -> str:
+        body = json.dumps(err.body()).encode()
+        retry = b"".join(b"%s: %s\r\n" % (k.encode(), v.encode()) for k, v in err.headers.items())
+        path = os.path.join(folder, name)
+        with open(path, "wb") as f:
+            f.write(b"HTTP/1.1 %s\r\nContent-Type: application/json\r\n%sContent-Length: %d\r\n"
+                    b"Connection: close\r\n\r\n%s" % (status_line, retry, len(body), body))
+        return path
+
+    header_s, idle_s = http_timeouts()
     starting = os.path.join(folder, "starting.json")
     with open(starting, "wb") as f:
         f.write(page("The server is starting: no model is ready yet."))
-    body = page("No replica of the model is ready (starting, restarting or stopping); retry shortly.")
-    error_file = os.path.join(folder, "unavailable.http")
-    with open(error_file, "wb") as f:
-        f.write(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-                b"Retry-After: %d\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
-                % (RETRY_AFTER_S, len(body), body))
+    unavailable_file = error_file("unavailable.http", b"503 Service Unavailable", unavailable(
+        "No replica of the model is ready (starting, restarting or stopping); retry shortly."))
+    front = "*" if host in ("0.0.0.0", "::") else host
     not_found = 'http-request return status 404 content-type text/plain lf-string "Path .*'
     answer = f"http-request return status 503 content-type application/json file {starting} " \
              f"hdr Retry-After {RETRY_AFTER_S}"
+    bind = r"s/^\([[:space:]]*bind[[:space:]]\+\)[^[:space:]]*:\([0-9]\+\)/\1{}:\2/"
+    program = "\n".join([
+        f"s|{not_found}|{answer}|",
+        r"/^[[:space:]]*timeout[[:space:]]\+http-\(request\|keep-alive\)[[:space:]]/d",
+        "/^defaults/a\\",
+        f"    timeout http-request {round(header_s * 1000)}ms\\",
+        f"    timeout http-keep-alive {round(idle_s * 1000)}ms\\",
+        "    option http-buffer-request",
+        r"/^listen[[:space:]]\+stats/,/^[^[:space:]]/" + bind.format(LOOPBACK),
+        r"/^frontend[[:space:]]\+prometheus/,/^[^[:space:]]/" + bind.format(LOOPBACK),
+        rf"/^frontend[[:space:]]\+http_frontend/,/^[^[:space:]]/s/^\([[:space:]]*bind[[:space:]]\+\){LOOPBACK}:/\1{front}:/",
+        "",
+    ])
+    program_file = os.path.join(folder, "haproxy.sed")
+    with open(program_file, "w") as f:
+        f.write(program)
     script = f"""#!/bin/sh
 # written by hearth serve (serve/ray_app.py, _haproxy_wrapper)
 cfg=""; prev=""
 for a in "$@"; do [ "$prev" = "-f" ] && cfg="$a"; prev="$a"; done
 if [ -n "$cfg" ] && [ -f "$cfg" ]; then
-    cp {shlex.quote(error_file)} "$(dirname "$cfg")/500.http"
-    sed -i {shlex.quote(f"s|{not_found}|{answer}|")} "$cfg"
+    cp {shlex.quote(unavailable_file)} "$(dirname "$cfg")/500.http"
+    sed -i -f {shlex.quote(program_file)} "$cfg"
 fi
 exec {shlex.quote(binary)} -dS "$@"
 """
@@ -458,18 +551,35 @@ def init_ray(config: ServeConfig, address: str | None = None) -> None:
     if address:
         ray.init(address=address, logging_level=logging.WARNING)
         return
-    env = _local_ray_env()
+    env = _local_ray_env(config.host)
     _haproxy_dir = env.get("RAY_SERVE_HAPROXY_SERVER_STATE_BASE")  # HAProxy's folder, when it is used
     os.environ.update(env)  # the processes Ray starts inherit this environment
     need = sum(m.num_cpus * m.replicas for m in config.models) + sum(e.num_cpus for e in config.embeddings)
-    ray.init(num_cpus=max(os.cpu_count() or 1, int(need + 0.999)), include_dashboard=False,
-             logging_level=logging.WARNING, configure_logging=False)
+    with _one_machine():
+        ray.init(num_cpus=max(os.cpu_count() or 1, int(need + 0.999)), include_dashboard=False,
+                 logging_level=logging.WARNING, configure_logging=False)
+
+
+def _one_machine():
+    """Ray started here takes 127.0.0.1 as its node address, as it does on macOS and Windows, where
+    multi-node is off: its GCS, raylet, agents and workers then listen on loopback only. Ray reads
+    that switch once, when imported; this applies the environment's value to the ray.init call."""
+    from ray._private import ray_constants
+
+    if not hasattr(ray_constants, "ENABLE_RAY_CLUSTER"):  # a Ray without the switch: its defaults
+        log.warning("this Ray has no one-machine switch: its ports listen where Ray puts them")
+        return contextlib.nullcontext()
+    return mock.patch.object(ray_constants, "ENABLE_RAY_CLUSTER",
+                             os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") != "0")
 
 
 def deploy(config: ServeConfig):
     """Deploy the application; returns once every replica is up."""
+    # behind HAProxy, Ray serves on loopback (the replicas' own ports, the fallback proxy) and
+    # HAProxy's front end alone listens on config.host (_haproxy_wrapper)
+    host = LOOPBACK if _haproxy_dir else config.host
     # the proxy neither times out nor sheds requests: the app answers 408/429 in OpenAI's envelope
-    serve.start(http_options=HTTPOptions(host=config.host, port=config.port, request_timeout_s=None))
+    serve.start(http_options=HTTPOptions(host=host, port=config.port, request_timeout_s=None))
     return serve.run(build(config), name=APP_NAME, route_prefix="/", blocking=False)
 
 

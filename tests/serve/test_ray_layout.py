@@ -27,10 +27,11 @@ def test_one_model_with_one_replica_is_served_from_its_replica(monkeypatch):
 @pytest.mark.skipif(ray_app._haproxy_binary() is None, reason="ray[serve] ships no HAProxy on this platform")
 def test_local_ray_env_gives_each_server_its_own_haproxy_files_and_ports(monkeypatch):
     for k in list(os.environ):
-        if k.startswith("RAY_SERVE_") or k == "RAY_enable_metrics_collection":
+        if k.startswith("RAY_SERVE_") or k in ("RAY_enable_metrics_collection", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"):
             monkeypatch.delenv(k)
     a, b = ray_app._local_ray_env(), ray_app._local_ray_env()
     assert a["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
+    assert a["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0"  # Ray's node address is 127.0.0.1
     assert a["RAY_SERVE_CONTROL_LOOP_INTERVAL_S"] == "0.5"
     # two servers on one machine must not share HAProxy's config, socket or its two extra ports
     for key in ("RAY_SERVE_HAPROXY_CONFIG_FILE_LOC", "RAY_SERVE_HAPROXY_SOCKET_PATH",

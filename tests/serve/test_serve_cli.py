@@ -35,7 +35,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start(tmp_path: Path, config: str, *extra: str) -> tuple[subprocess.Popen, str]:
+def _start(tmp_path: Path, config: str, *extra: str, env: dict | None = None) -> tuple[subprocess.Popen, str]:
     cfg = tmp_path / "models.yaml"
     cfg.write_text(config)
     port = _free_port()
@@ -43,7 +43,7 @@ def _start(tmp_path: Path, config: str, *extra: str) -> tuple[subprocess.Popen, 
            "--api-key", KEY, *extra]
     log = open(tmp_path / "server.log", "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                            env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
+                            env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE", **(env or {})})
     return proc, f"http://127.0.0.1:{port}"
 
 
