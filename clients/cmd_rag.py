@@ -3,6 +3,7 @@
     hearth rag ingest docs/ notes.md --index notes            # files and folders under the current directory
     hearth rag ingest /data/manuals --index notes --allow-root /data --kind hnsw
     hearth rag query "how do I descale the kettle?" --index notes -k 4 [--mmr] [--json]
+    hearth rag query "..." --index notes --url http://127.0.0.1:8000 [--api-key K]   # a running server's index
     hearth rag list                                           # every index: version, documents, chunks
     hearth rag list --index notes                             # the documents of one index
     hearth rag delete docs/old.md --index notes
@@ -12,15 +13,23 @@ Indexes live under --root (default $HEARTH_HOME/rag). Ingestion reads only files
 directory and any --allow-root. The embedding model defaults to the one the index was built with (the
 bundled all-MiniLM-L6-v2 for a new index); --embedding-model takes a sentence-transformers folder, or
 "hashing" for the model-free HashingEmbedder.
+
+A local query loads torch and the embedding model each time (a few seconds); with --url (or $HEARTH_URL)
+it asks a running `hearth serve` instead, whose embedder is already loaded: its index of that name, at
+POST /v1/rag/indexes/NAME/query, with --api-key (or $HEARTH_API_KEY).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
+
+REMOTE_TIMEOUT_S = 60.0  # one query to a server: connect, search, answer
+REMOTE_MAX_BYTES = 16 << 20  # the most of a server's answer read (top_k <= 50 chunks is far less)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -57,6 +66,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--mmr", action="store_true", help="diversify results (maximal marginal relevance)")
     q.add_argument("--mmr-lambda", type=float, default=0.5, help="MMR relevance weight, 0..1 (default 0.5)")
     q.add_argument("--json", action="store_true", help="print the hits as JSON citations")
+    q.add_argument("--url", default=os.environ.get("HEARTH_URL") or None,
+                   help="query this running hearth server's index instead of loading the embedder here "
+                        "(http://HOST:PORT or .../v1; default: $HEARTH_URL)")
+    q.add_argument("--api-key", default=None, help="the server's API key (default: $HEARTH_API_KEY)")
     q.set_defaults(func=run_query)
 
     ls = actions.add_parser("list", help="list indexes, or the documents of one")
@@ -82,12 +95,16 @@ def _embedder(args: argparse.Namespace, directory: Path):
     from hearth.agents.rag import IndexNotFound, embedder_from_spec, embedder_spec_of
     from hearth.agents.rag.storage import read_meta
 
-    if args.embedding_model:
-        return embedder_from_spec(args.embedding_model)
-    try:
-        return embedder_from_spec(embedder_spec_of(read_meta(directory)))
-    except IndexNotFound:
-        return embedder_from_spec(None)
+    spec = args.embedding_model
+    if not spec:
+        try:
+            spec = embedder_spec_of(read_meta(directory))
+        except IndexNotFound:
+            spec = None
+    if args.func is run_query and not (spec or "").startswith("hashing"):
+        print("hearth: loading the embedding model in this process (a few seconds each query; --url or "
+              "HEARTH_URL asks a running server instead)", file=sys.stderr, flush=True)
+    return embedder_from_spec(spec)
 
 
 def _open(args: argparse.Namespace, *, create: bool = False, with_embedder: bool = True, **kw):
@@ -123,19 +140,64 @@ def run_ingest(args: argparse.Namespace) -> int:
 def run_query(args: argparse.Namespace) -> int:
     from hearth.agents.rag import citations
 
-    index = _open(args)
-    hits = index.query(args.text, args.top_k, mmr=args.mmr, mmr_lambda=args.mmr_lambda)
+    if args.url:
+        name, version, cites = _remote_query(args)
+    else:
+        index = _open(args)
+        hits = index.query(args.text, args.top_k, mmr=args.mmr, mmr_lambda=args.mmr_lambda)
+        name, version, cites = index.name, index.version, citations(hits)
     if args.json:
-        print(json.dumps({"index": index.name, "version": index.version, "hits": citations(hits)},
-                         ensure_ascii=False, indent=1))
+        print(json.dumps({"index": name, "version": version, "hits": cites}, ensure_ascii=False, indent=1))
         return 0
-    if not hits:
-        print(f"(the index {index.name} has no documents)", file=sys.stderr)
-    for h in hits:
-        text = " ".join(h.text.split())
-        print(f"[{h.rank}] {h.score:.3f}  {h.source}#{h.chunk_id}  chars {h.start}-{h.end}\n    "
+    if not cites:
+        print(f"(the index {name} has no documents)", file=sys.stderr)
+    for c in cites:
+        text = " ".join(str(c.get("text", "")).split())
+        print(f"[{c['index']}] {c['score']:.3f}  {c['source']}#{c['chunk_id']}  chars {c['start']}-{c['end']}\n    "
               f"{text[:300]}{' ...' if len(text) > 300 else ''}")
     return 0
+
+
+def _remote_query(args: argparse.Namespace) -> tuple[str, int | None, list[dict]]:
+    """(index, version, citations) from a running server; any failure is one HearthError line."""
+    from urllib.parse import quote
+
+    import httpx
+
+    from hearth.agents.rag import check_index_name
+    from hearth.runtime.errors import HearthError
+
+    name = check_index_name(args.index)
+    base = args.url.rstrip("/")
+    base = base[:-3] if base.endswith("/v1") else base
+    url = f"{base}/v1/rag/indexes/{quote(name, safe='')}/query"
+    key = args.api_key or os.environ.get("HEARTH_API_KEY") or None
+    body = {"query": args.text, "top_k": args.top_k, "mmr": args.mmr, "mmr_lambda": args.mmr_lambda}
+    try:
+        with httpx.Client(timeout=REMOTE_TIMEOUT_S, headers={"Authorization": f"Bearer {key}"} if key else {},
+                          trust_env=False) as client, client.stream("POST", url, json=body) as r:
+            data = bytearray()
+            for part in r.iter_bytes():
+                data += part
+                if len(data) > REMOTE_MAX_BYTES:
+                    raise HearthError(f"{base} answered with more than {REMOTE_MAX_BYTES >> 20} MiB; not a "
+                                      "hearth RAG answer")
+    except httpx.HTTPError as e:
+        raise HearthError(f"cannot query {base}: {type(e).__name__}: {str(e) or 'no answer'} (is `hearth serve` "
+                          "running there?)") from None
+    try:
+        answer = json.loads(data)
+    except ValueError:
+        answer = None
+    if r.status_code != 200:
+        message = answer.get("error", {}).get("message") if isinstance(answer, dict) \
+            and isinstance(answer.get("error"), dict) else None
+        raise HearthError(f"{base} answered {r.status_code}: {message or 'no error message'}")
+    fields = ("index", "score", "source", "chunk_id", "start", "end")
+    if not isinstance(answer, dict) or not isinstance(answer.get("data"), list) or not all(
+            isinstance(c, dict) and all(f in c for f in fields) for c in answer["data"]):
+        raise HearthError(f"{base} did not answer like a hearth server (its reply holds no list of hits)")
+    return str(answer.get("index", name)), answer.get("version"), answer["data"]
 
 
 def run_list(args: argparse.Namespace) -> int:
