@@ -176,6 +176,24 @@ def test_paired_surrogates_and_escaped_backslashes_still_work(srv, http):
     assert r.json()["usage"]["prompt_tokens"] > 5
 
 
+@pytest.mark.parametrize("raw,lone", [
+    (rb'"\ud83d\ude00"', False), (rb'"\uD83D\ude00"', False), (rb'"\\ud800"', False), (rb'"\\\\ud800"', False),
+    (rb'"a\\\ud83d\ude00"', False), (rb'"\u4e2d\\"', False),
+    (rb'"\ud800"', True), (rb'"\\\ud800"', True), (rb'"\\ud83d\udc00"', True), (rb'"\uDC00"', True),
+    (rb'"\ud83d\\\ude00"', True), (rb'"\ud800\\\udc00"', True), (rb'"\ud83d\u0041"', True),
+])
+def test_unicode_scan_reads_escapes_as_json_does(raw, lone):
+    from hearth.serve.edge import unicode_problem
+
+    try:  # what the scan must agree with: the parsed text can be encoded, or not
+        json.loads(raw).encode("utf-8")
+        encodable = True
+    except UnicodeEncodeError:
+        encodable = False
+    assert encodable is not lone
+    assert (unicode_problem(raw) is not None) is lone
+
+
 # ---- caps checked before tokenization ------------------------------------------------------------
 
 def test_message_count_cap(srv, http):
