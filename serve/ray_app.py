@@ -326,14 +326,11 @@ class ServedModel(_EngineReplica):
 
 
 async def _drain(app, timeout_s: float) -> int:
-    """Refuse new requests (503) and wait for in-flight ones; returns how many were left."""
-    import asyncio
+    """Refuse new requests (503), let in-flight ones finish for timeout_s, then end the rest with an
+    SSE error event and [DONE] (as --no-ray does); returns how many had to be ended."""
+    from .edge import drain
 
-    app.state.draining = True
-    end = time.monotonic() + timeout_s
-    while app.state.in_flight > 0 and time.monotonic() < end:
-        await asyncio.sleep(0.05)
-    return app.state.in_flight
+    return await drain(app.state, timeout_s)
 
 
 def fused(config: ServeConfig) -> bool:

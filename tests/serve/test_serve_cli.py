@@ -279,13 +279,14 @@ def test_sigterm_drains_in_flight_stream(tmp_path):
         _stop(proc)
 
 
-def test_sigterm_drain_timeout_ends_streams_with_an_error_and_done(tmp_path):
+@pytest.mark.parametrize("layout", ["--no-ray", "ray"])
+def test_sigterm_drain_timeout_ends_streams_with_an_error_and_done(tmp_path, layout):
     """A stream still running when the drain time is up gets an SSE error event (503,
     server_shutting_down) and then `data: [DONE]`; an unanswered request gets the same error as JSON."""
     import threading
 
     config = CONFIG.replace("embeddings:\n  - name: all-minilm-l6-v2", "embeddings: []") + "drain_timeout_s: 1\n"
-    proc, url = _start(tmp_path, config, "--no-ray")
+    proc, url = _start(tmp_path, config, *([layout] if layout != "ray" else []))
     try:
         _wait_healthy(proc, url, tmp_path)
         headers = {"Authorization": f"Bearer {KEY}"}
