@@ -33,6 +33,39 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_serve)
 
 
+def preflight(cfg) -> str | None:
+    """What would make the server fail to start, found before anything loads: a model path that
+    does not exist, a model name nothing registers, a port another process holds. None when fine."""
+    import socket
+    from pathlib import Path
+
+    from hearth.runtime.registry import DEFAULT_MODEL, list_models, looks_like_path
+
+    known = None
+    for i, m in enumerate(cfg.models):
+        src = m.source
+        if looks_like_path(src) or Path(src).expanduser().exists():
+            if not Path(src).expanduser().exists():
+                return f"models[{i}] ({m.name}): no model at {src} (path does not exist)"
+        elif src != DEFAULT_MODEL:
+            known = known if known is not None else {e.name for e in list_models() if e.error is None}
+            if src not in known:
+                return (f"models[{i}] ({m.name}): no model named {src!r} is registered; give `path:` a GGUF "
+                        f"file or an HF folder, or see `hearth models list`")
+    for i, e in enumerate(cfg.embeddings):
+        if e.path and not Path(e.path).expanduser().exists():
+            return f"embeddings[{i}] ({e.name}): no model at {e.path} (path does not exist)"
+    if cfg.port:
+        family = socket.AF_INET6 if ":" in cfg.host else socket.AF_INET
+        with socket.socket(family) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind((cfg.host, cfg.port))
+            except OSError as e:
+                return f"cannot listen on {cfg.host}:{cfg.port}: {e.strerror or e}"
+    return None
+
+
 def run_serve(args: argparse.Namespace) -> int:
     from hearth.serve.app import api_keys_from_env
     from hearth.serve.config import load_config
@@ -49,6 +82,10 @@ def run_serve(args: argparse.Namespace) -> int:
         print(f"hearth: error: refusing to serve on {cfg.host} without an API key; pass --api-key KEY "
               "(or HEARTH_API_KEYS), or --allow-no-auth", file=sys.stderr)
         return 2
+    problem = preflight(cfg)
+    if problem:
+        print(f"hearth: error: {problem}", file=sys.stderr)
+        return 2
     if not cfg.api_keys:
         logging.getLogger("hearth.serve").warning("no API key set: anyone who can reach %s:%s can use it",
                                                   cfg.host, cfg.port)
@@ -63,8 +100,11 @@ def run_serve(args: argparse.Namespace) -> int:
             mount_demo(server.app, loopback_url(cfg.host, server.port), api_key=None)
             print(f"hearth: chat demo on {server.url}/demo", flush=True)
         print(f"hearth: serving on {server.url}/v1 (no Ray); models are loading", flush=True)
-        server.start_loading()
+        server.start_loading(exit_on_error=True)
         server.serve()
+        if server.app.state.load_error:
+            print(f"hearth: error: the models failed to load: {server.app.state.load_error}", file=sys.stderr)
+            return 1
         return 0
     from hearth.serve.ray_app import run as run_ray
 

@@ -47,7 +47,7 @@ def current_router(app: FastAPI) -> Router:
     r = app.state.router
     if r is None:
         if app.state.load_error:
-            raise unavailable(f"The models failed to load: {app.state.load_error}")
+            raise unavailable("The models failed to load; see the server log.")
         raise unavailable("The models are still loading.")
     return r
 

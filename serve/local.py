@@ -144,15 +144,19 @@ class LocalServer:
         host = self.config.host if ":" not in self.config.host else f"[{self.config.host}]"
         return f"http://{host}:{self.port}"
 
-    def start_loading(self) -> threading.Thread:
+    def start_loading(self, exit_on_error: bool = False) -> threading.Thread:
+        """Load the models on a thread; a failure is kept in app.state.load_error and, with
+        exit_on_error (`hearth serve`), stops the server instead of answering 503 forever."""
         def load() -> None:
             try:
                 router, self.services = load_local(self.config)
                 self.app.state.router = router
                 log.info("ready: %s", ", ".join(router.names()))
             except Exception as e:
-                log.exception("loading the models failed")
+                log.debug("loading the models failed", exc_info=True)
                 self.app.state.load_error = f"{type(e).__name__}: {e}"
+                if exit_on_error:
+                    self.server.should_exit = True
 
         t = threading.Thread(target=load, name="hearth-load", daemon=True)
         t.start()

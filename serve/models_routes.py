@@ -31,7 +31,9 @@ async def health(request: Request):
     r = state.router
     if r is None:
         status = "failed" if state.load_error else "loading"
-        return JSONResponse({"status": status, "error": state.load_error}, status_code=503)
+        # the reason (paths, file names) is for the server's log and console, not for any client
+        error = "the models failed to load; see the server log" if state.load_error else None
+        return JSONResponse({"status": status, "error": error}, status_code=503)
     if not await r.healthy():
         return JSONResponse({"status": "unhealthy", "error": "a model engine stopped"}, status_code=503)
     return {"status": "ok", "models": r.names()}
