@@ -192,7 +192,9 @@ class AgentsConfig:
     max_request_bytes: int = 8 * 2**20
     """The most document bytes one ingest request may carry (413 beyond)."""
     sandbox: bool = False
-    """Offer the Python sandbox tool (a separate process with CPU, memory and time limits)."""
+    """Offer the Python sandbox tool: a separate process with CPU, memory and time limits, confined by
+    the kernel (Landlock + seccomp: no writes outside its temp folder, no network, no new processes).
+    Refused at load on a machine that cannot confine it."""
     max_steps: int = 16
     """The most model calls one agent run may ask for."""
     max_time_s: float = 300.0
@@ -207,6 +209,11 @@ class AgentsConfig:
                "agents.max_request_bytes must be an integer >= 1")
         _check(isinstance(self.max_steps, int) and 1 <= self.max_steps <= 256, "agents.max_steps must be in [1, 256]")
         _check(isinstance(self.max_time_s, (int, float)) and self.max_time_s > 0, "agents.max_time_s must be > 0")
+        if self.sandbox:
+            from hearth.agents.tools import sandbox_unavailable_reason
+
+            reason = sandbox_unavailable_reason()
+            _check(reason is None, f"agents.sandbox: {reason}")
 
 
 @dataclass

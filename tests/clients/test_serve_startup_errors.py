@@ -52,3 +52,13 @@ def test_a_model_that_fails_to_load_stops_the_server(tmp_path):
                "--no-ray")
     assert r.returncode == 1
     assert "the models failed to load" in _one_line_error(r)
+
+
+def test_a_sandbox_the_kernel_cannot_confine_is_refused_in_the_config(monkeypatch):
+    import hearth.agents.tools as tools
+    from hearth.serve.config import AgentsConfig, ConfigError
+
+    monkeypatch.setattr(tools, "sandbox_unavailable_reason", lambda: "this kernel has no Landlock")
+    with pytest.raises(ConfigError, match="agents.sandbox: this kernel has no Landlock"):
+        AgentsConfig(sandbox=True)
+    AgentsConfig(sandbox=False)  # off (the default) needs nothing from the kernel
