@@ -235,8 +235,9 @@ class AgentService:
             raise invalid("give exactly one of `input` and `messages`", "input")
         name = req.model or self.default_model()
         try:
-            options = StrategyOptions(n=req.n, temperature=req.temperature, max_tokens=req.max_tokens, seed=req.seed,
-                                      answer_type=req.answer_type)
+            options = StrategyOptions(n=req.n, temperature=req.temperature, seed=req.seed,
+                                      answer_type=req.answer_type,
+                                      **({} if req.max_tokens is None else {"max_tokens": req.max_tokens}))
         except AgentInputError as e:
             raise invalid(str(e), e.param) from None
         budget = self._budget(req.strategy, options, req.budget.max_steps if req.budget else None,
