@@ -8,7 +8,7 @@ Runs the recipe quantize/recipes/smollm2.yaml (bnb int8, GPTQ 8 and 4 bit g128, 
 on the fp32 HF checkpoint of SmolLM2-135M-Instruct (itself dequantized from the Q4_1 GGUF the model
 ships as), reports each artifact against that parent with the same held-out text and prompts, and
 checks the issue's targets: int8 and q8_0 perplexity +<=1%, GPTQ-4 and q4_k_m +<=10% with size
-<=0.40x of f16 (f16 size = half the fp32 parent's weight bytes). Artifacts already built from the same
+<=0.40x of f16 (f16 size = the parent's parameter count x 2 bytes). Artifacts already built from the same
 parent with the same settings are reused (pass --force to rebuild); build times are not measured here.
 """
 
@@ -39,11 +39,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--png", metavar="PATH", default=None, help="write the comparison plot here")
 
 
-def _f16_ratio(r) -> float:
-    # the parent is the fp32 checkpoint: its f16 conversion has half its bytes
-    return r.size_bytes / (r.parent_size_bytes / 2) if r.parent_size_bytes else float("nan")
-
-
 def table(reps) -> str:
     rows = ["| artifact | method | size MB | × f16 | ppl (parent) | ppl increase | mean KL | top-1 agree | "
             "greedy exact | decode tok/s | target | |",
@@ -52,7 +47,7 @@ def table(reps) -> str:
         name = Path(r.artifact).name
         ppl_max, size_max = TARGETS.get(name, (None, None))
         ok = ppl_max is None or (math.isfinite(r.ppl_increase_pct) and r.ppl_increase_pct <= ppl_max)
-        ratio = _f16_ratio(r)
+        ratio = r.size_vs_f16
         if size_max is not None:
             ok = ok and ratio <= size_max
         target = "–" if ppl_max is None else f"+≤{ppl_max:g}%" + (f", ≤{size_max:.2f}× f16" if size_max else "")
@@ -97,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote {args.png}", file=sys.stderr)
     if args.json:
         data = {"command": cmd, "recipe": str(RECIPE.relative_to(REPO)), "quick": args.quick,
-                "reports": [dict(r.to_dict(), size_vs_f16=_f16_ratio(r)) for r in reps],
+                "reports": [r.to_dict() for r in reps],
                 "table": table(reps)}
         write_json(args.json, data)
     return 0

@@ -99,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="exit 1 if perplexity rises more than PCT percent over the parent")
     q.add_argument("--quick", action="store_true", help="a shorter text and fewer prompts")
     q.add_argument("--no-save", action="store_true", help="print only; do not write into the artifact")
+    q.add_argument("--no-cache", action="store_true",
+                   help="measure the parent again instead of reading its saved scores ($HEARTH_HOME/report-cache, "
+                        "keyed by the parent's content hash and the settings)")
     q.set_defaults(func=cmd_report)
     return p
 
@@ -132,19 +135,34 @@ def _finish(args: argparse.Namespace, out: Path) -> int:
     return _report(out, against=None, gate=args.max_ppl_increase, quick=args.quick, save=True)
 
 
-def _report(artifact: Path, against: str | None, gate: float | None, quick: bool, save: bool) -> int:
+def _report(artifact: Path, against: str | None, gate: float | None, quick: bool, save: bool,
+            cache: bool = True) -> int:
     from . import report as reports
+    from .common import QualityGateError
 
     parent = _source(against) if against else None
-    rep = reports.evaluate(artifact, against=parent, quick=quick)
+    with reports.ParentCache(store=report_cache_dir() if cache else None) as parent_cache:
+        rep = reports.evaluate(artifact, against=parent, quick=quick, parent_cache=parent_cache)
+    failed = None
+    try:
+        reports.gate(rep, gate)  # recorded in the report before it is shown and saved
+    except QualityGateError as e:
+        failed = e
     print(reports.markdown_table([rep]))
     if save:
         for p in reports.save_report(rep, artifact):
             print(f"wrote {p}", file=sys.stderr)
-    if gate is not None:
-        reports.gate(rep, gate)  # QualityGateError -> exit 1 in main
-        print(f"quality gate passed: perplexity +{rep.ppl_increase_pct:.2f}% <= {gate}%", file=sys.stderr)
+    if failed is not None:
+        raise failed  # exit 1 in main
+    if rep.gate_result == reports.GATE_PASS:
+        print(f"quality gate passed: perplexity {rep.ppl_increase_pct:+.2f}% <= +{gate:g}%", file=sys.stderr)
     return 0
+
+
+def report_cache_dir() -> Path:
+    """Where `quantize report` keeps parent runs between invocations: $HEARTH_HOME/report-cache."""
+    from hearth.runtime.registry import hearth_home
+    return hearth_home() / "report-cache"
 
 
 def cmd_gptq(args: argparse.Namespace) -> int:
@@ -206,7 +224,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     artifact = Path(args.artifact).expanduser()
     if not artifact.exists():
         raise ModelNotFoundError(f"no artifact at {artifact}")
-    return _report(artifact, args.against, args.max_ppl_increase, args.quick, save=not args.no_save)
+    return _report(artifact, args.against, args.max_ppl_increase, args.quick, save=not args.no_save,
+                   cache=not args.no_cache)
 
 
 def main(argv: list[str] | None = None) -> int:

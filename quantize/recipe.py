@@ -268,7 +268,6 @@ def _build_all(recipe: Recipe, specs: list[ArtifactSpec], source: Path, source_h
             continue
         say(f"[{i}/{len(specs)}] {spec.name}: quality report against {source}")
         rep = reports.evaluate(out, against=source, quick=recipe.quick, parent_cache=cache)
-        reports.save_report(rep, out)
         result.reports.append(rep)
         gate = spec.max_ppl_increase if spec.max_ppl_increase is not None else recipe.max_ppl_increase
         if gate is not None:
@@ -277,6 +276,7 @@ def _build_all(recipe: Recipe, specs: list[ArtifactSpec], source: Path, source_h
             except QualityGateError as e:
                 say(f"{spec.name}: {e}")
                 result.failed_gates.append(spec.name)
+        reports.save_report(rep, out)  # after the gate, which the report page and plot show
 
 
 def write_summary(reps: list[Any], out_dir: Path) -> list[Path]:

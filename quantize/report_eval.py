@@ -11,6 +11,12 @@ files through the llama.cpp backend. Text logits come from the backend's forward
 window); greedy answers and the single-stream decode speed come from hearth's Engine. The parent's
 logits are kept (float32, memory-mapped in a temp dir) so several artifacts of one parent are compared
 against one parent run. The report module (hearth.quantize.report) turns these numbers into a Report.
+
+`ParentCache(store=...)` also keeps parent runs on disk (the `quantize` CLI uses
+$HEARTH_HOME/report-cache): keyed by the parent's content hash, its tokenizer and template files, the
+format and the evaluation settings, so a second `quantize report` of the same parent does not score it
+again. At most `STORE_ENTRIES` runs are kept (the oldest go); each holds the parent's logits at the scored
+positions (float32, tokens x vocabulary: ~600 MB for a 49k-token vocabulary at the full settings).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import shutil
 import sys
 import tempfile
@@ -31,11 +38,14 @@ from typing import Any, Iterable
 import numpy as np
 from tqdm import tqdm
 
-from hearth.runtime.checkpoint import hashed_files
+from hearth.runtime.checkpoint import WEIGHT_SUFFIXES, content_hash, hashed_files
+from hearth.runtime.fileio import atomic_write_text, staged
 
 from .common import QuantizeError, say
 
 LANGS = ("en", "zh")
+STORE_ENTRIES = 2  # parent runs kept on disk by a ParentCache with a store; the oldest are removed
+_STORE_VERSION = 1  # bumped when what a stored run holds changes; older entries are then ignored
 _SEQ_BASE = 1 << 30  # seq ids of direct forwards, far from the engine's own counter
 _KL_CHUNK = 128  # rows per float64 log-softmax: bounds memory at 128 x V x 8 bytes per array
 
@@ -328,6 +338,8 @@ class ParentRun:
     window: int
     hash: str | None = None
     """content_hash of the parent, once some evaluation computed it."""
+    measured: str | None = None
+    """When a run read back from a report cache was measured (None: measured by this process)."""
 
 
 @dataclass
@@ -350,24 +362,49 @@ def _fingerprint(path: Path) -> tuple:
 
 class ParentCache:
     """Parent runs shared between evaluations: a recipe evaluating four artifacts of one parent runs
-    the parent once. Parent logits live in a temp dir removed by close() (or at exit)."""
+    the parent once. Parent logits live in a temp dir removed by close() (or at exit); with `store`, runs
+    are also kept there across processes (see the module docstring) and read back instead of re-scored."""
 
-    def __init__(self) -> None:
+    def __init__(self, store: str | Path | None = None) -> None:
         self._dir = Path(tempfile.mkdtemp(prefix="hearth-report-"))
         self._finalizer = weakref.finalize(self, shutil.rmtree, self._dir, True)
         self._runs: dict[tuple, ParentRun] = {}
+        self.store = Path(store) if store is not None else None
 
     def get(self, path: Path, fmt: str, cfg: EvalConfig, progress: bool = True) -> ParentRun:
         key = (str(path.resolve()), _fingerprint(path), cfg)
         run = self._runs.get(key)
-        if run is None:
-            if self._dir is None:
-                raise RuntimeError("the ParentCache is closed")
-            run = run_parent(path, fmt, cfg, Path(tempfile.mkdtemp(dir=self._dir)), progress)
-            self._runs[key] = run
-        else:
+        if run is not None:
             say(f"reusing the parent run of {path}")
+            return run
+        if self._dir is None:
+            raise RuntimeError("the ParentCache is closed")
+        if self.store is None:
+            run = run_parent(path, fmt, cfg, Path(tempfile.mkdtemp(dir=self._dir)), progress)
+        else:
+            run = self._from_store(path, fmt, cfg, progress)
+        self._runs[key] = run
         return run
+
+    def _from_store(self, path: Path, fmt: str, cfg: EvalConfig, progress: bool) -> ParentRun:
+        digest = content_hash(path)
+        entry = self.store / store_key(path, digest, fmt, cfg)
+        run = load_parent_run(entry, path)
+        if run is not None:
+            say(f"the parent's scores come from the report cache (measured {run.measured}; same content hash "
+                f"and settings): {entry}")
+            run.hash = digest
+            return run
+        with staged(entry, is_dir=True) as tmp:
+            run = run_parent(path, fmt, cfg, tmp, progress)
+            run.hash = digest
+            save_parent_run(run, tmp)
+        prune_store(self.store, keep=entry)
+        stored = load_parent_run(entry, path)  # logits mapped from their final place
+        if stored is None:
+            return run
+        stored.hash, stored.measured, stored.decode_tok_s = digest, None, run.decode_tok_s
+        return stored
 
     def close(self) -> None:
         self._runs.clear()  # drops the memmaps before their files go
@@ -379,6 +416,63 @@ class ParentCache:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+# ----------------------------------------------------------------------------- parent runs on disk
+
+
+def store_key(path: Path, digest: str, fmt: str, cfg: EvalConfig) -> str:
+    """What a parent run depends on: the weights (content hash), the tokenizer and template files beside
+    them, the format (backend) and the texts, prompts and settings."""
+    h = hashlib.sha256(f"v{_STORE_VERSION}\0{digest}\0{fmt}\0{data_hash(cfg)}\n".encode())
+    if path.is_dir():
+        for f in sorted(path.iterdir()):
+            if (f.is_file() and not f.name.startswith(".") and f.suffix not in WEIGHT_SUFFIXES
+                    and f.suffix in (".json", ".jinja", ".model", ".txt") and f.name != "hearth.json"):
+                h.update(f"{f.name}\0{hashlib.sha256(f.read_bytes()).hexdigest()}\n".encode())
+    return h.hexdigest()[:32]
+
+
+def save_parent_run(run: ParentRun, folder: Path) -> None:
+    """Everything but the logits (already in folder/<lang>.npy from run_parent) as meta.json, written last."""
+    for lang, text in run.texts.items():
+        np.save(folder / f"{lang}.targets.npy", np.asarray(text.targets))
+    meta = {"version": _STORE_VERSION, "format": run.format, "backend": run.backend,
+            "vocab": [b.hex() for b in run.vocab], "eos_ids": sorted(run.eos_ids),
+            "texts": {lang: {"ids": t.ids, "windows": [[w.begin, w.end, w.score_from] for w in t.windows]}
+                      for lang, t in run.texts.items()},
+            "prompt_ids": run.prompt_ids, "answers": run.answers, "decode_tok_s": run.decode_tok_s,
+            "window": run.window, "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    atomic_write_text(folder / "meta.json", json.dumps(meta))
+
+
+def load_parent_run(folder: Path, path: Path) -> ParentRun | None:
+    """A stored run (logits memory-mapped), or None when there is none or it cannot be read."""
+    try:
+        meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+        if meta.get("version") != _STORE_VERSION:
+            return None
+        texts = {}
+        for lang in LANGS:
+            t = meta["texts"][lang]
+            logits = np.load(folder / f"{lang}.npy", mmap_mode="r")
+            targets = np.load(folder / f"{lang}.targets.npy")
+            texts[lang] = TextRun(lang, t["ids"], [Window(*w) for w in t["windows"]], logits, targets)
+        os.utime(folder / "meta.json")  # recently used: the last to be pruned
+        return ParentRun(path, meta["format"], meta["backend"], [bytes.fromhex(v) for v in meta["vocab"]],
+                         frozenset(meta["eos_ids"]), texts, meta["prompt_ids"], meta["answers"],
+                         meta["decode_tok_s"], meta["window"], measured=meta["measured"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def prune_store(store: Path, keep: Path, entries: int = STORE_ENTRIES) -> None:
+    """Remove all but the `entries` most recently used runs (never `keep`)."""
+    runs = [d for d in store.iterdir()  # a hidden name is another writer's temp: never touched here
+            if d.is_dir() and not d.name.startswith(".") and (d / "meta.json").is_file() and d != keep]
+    runs.sort(key=lambda d: (d / "meta.json").stat().st_mtime, reverse=True)
+    for d in runs[max(entries - 1, 0):]:
+        shutil.rmtree(d, ignore_errors=True)
 
 
 def _prompt_ids(model: LoadedModel, cfg: EvalConfig) -> list[list[int]]:

@@ -36,6 +36,20 @@ def _mb(n: int) -> str:
     return f"{n / 1e6:.1f} MB"
 
 
+PASS_COLOR, FAIL_COLOR, UNGATED_COLOR, GATE_COLOR = "#3c9d5d", "#d62728", "#d9822b", "#333333"
+
+
+def gate_text(r: "Report") -> str:
+    """"+≤10%: pass", "+≤10%: not checked (quick report)", or "—" without a gate."""
+    if r.max_ppl_increase is None:
+        return "—"
+    return f"+≤{r.max_ppl_increase:g}%: {r.gate_result or 'not checked'}"
+
+
+def _gate_color(r: "Report") -> str:
+    return {"pass": PASS_COLOR, "fail": FAIL_COLOR}.get(r.gate_result, UNGATED_COLOR)
+
+
 def report_markdown(r: "Report") -> str:
     """One artifact's report page (report.md)."""
     inc = "—" if not math.isfinite(r.ppl_increase_pct) else f"{r.ppl_increase_pct:+.2f}%"
@@ -45,13 +59,19 @@ def report_markdown(r: "Report") -> str:
         "",
         f"- artifact: `{r.artifact}` ({r.artifact_format}{', ' + r.method if r.method else ''}; "
         f"run by hearth's {r.backend} backend)",
-        f"- parent: `{r.parent}` ({r.parent_format}; run by hearth's {r.parent_backend} backend)",
+        f"- parent: `{r.parent}` ({r.parent_format}; run by hearth's {r.parent_backend} backend"
+        f"{'; ' + r.parent_origin if r.parent_origin else ''})",
         f"- measured {r.created} in {r.seconds:.0f} s{' (quick mode)' if r.quick else ''}",
+        f"- quality gate (perplexity increase): {gate_text(r)}",
         "",
         "| metric | artifact | parent |",
         "|---|---:|---:|",
         f"| size on disk | {_mb(r.size_bytes)} | {_mb(r.parent_size_bytes)} |",
-        f"| size ratio | {_num(r.size_ratio)} | 1 |",
+        f"| size vs the same weights in f16 / fp32 ({r.n_params:,} parameters) | "
+        f"{_num(r.size_vs_f16, '.2f')}× / {_num(r.size_vs_fp32, '.2f')}× | "
+        f"{_num(r.parent_size_bytes / (2 * r.n_params) if r.n_params else None, '.2f')}× / "
+        f"{_num(r.parent_size_bytes / (4 * r.n_params) if r.n_params else None, '.2f')}× |",
+        f"| size vs the parent | {_num(r.size_ratio)} | 1 |",
         f"| perplexity, English ({r.n_tokens_en} tokens) | {_num(r.ppl_en)} | {_num(r.ppl_parent_en)} |",
         f"| perplexity, Chinese ({r.n_tokens_zh} tokens) | {_num(r.ppl_zh)} | {_num(r.ppl_parent_zh)} |",
         f"| perplexity, both | {_num(r.ppl)} | {_num(r.ppl_parent)} |",
@@ -79,17 +99,20 @@ def report_markdown(r: "Report") -> str:
 
 def markdown_table(reports: Sequence["Report"]) -> str:
     """One row per artifact: size, perplexity and its increase, KL, agreements, decode speed."""
-    head = ("| artifact | method | size | size ratio | ppl | ppl parent | Δppl | mean KL | top-1 | "
-            "greedy identical | greedy prefix | decode tok/s |")
-    rows = [head, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    head = ("| artifact | method | size | × f16 | × fp32 | × parent | ppl | ppl parent | Δppl | gate | mean KL | "
+            "top-1 | greedy identical | greedy prefix | decode tok/s |")
+    rows = [head, "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|"]
     for r in reports:
         inc = "—" if not math.isfinite(r.ppl_increase_pct) else f"{r.ppl_increase_pct:+.2f}%"
         rows.append(
-            f"| {r.label} | {r.method or r.artifact_format} | {_mb(r.size_bytes)} | {_num(r.size_ratio)} | "
-            f"{_num(r.ppl)} | {_num(r.ppl_parent)} | {inc} | {_num(r.kl_mean, '.4f')} | "
+            f"| {r.label} | {r.method or r.artifact_format} | {_mb(r.size_bytes)} | {_num(r.size_vs_f16, '.2f')} | "
+            f"{_num(r.size_vs_fp32, '.2f')} | {_num(r.size_ratio, '.2f')} | "
+            f"{_num(r.ppl)} | {_num(r.ppl_parent)} | {inc} | {gate_text(r)} | {_num(r.kl_mean, '.4f')} | "
             f"{_pct(r.top1_agreement)} | {_pct(r.greedy_exact, '.0f')} | {_pct(r.greedy_prefix)} | "
             f"{_num(r.decode_tok_s, '.1f')} |")
-    return "\n".join(rows) + "\n"
+    notes = sorted({r.parent_origin for r in reports if r.parent_origin})
+    tail = "".join(f"\nThe parent was {o}." for o in notes)
+    return "\n".join(rows) + "\n" + (tail[1:] + "\n" if tail else "")
 
 
 def _figure(width: float, height: float):
@@ -112,12 +135,16 @@ def plot_report(r: "Report", path: str | os.PathLike) -> None:
     x = np.arange(3)
     ax1.bar(x - 0.2, [_finite(v) for v in (r.ppl_parent_en, r.ppl_parent_zh, r.ppl_parent)], 0.4,
             label="parent", color="#8c8c8c")
-    ax1.bar(x + 0.2, [_finite(v) for v in (r.ppl_en, r.ppl_zh, r.ppl)], 0.4, label="artifact", color="#d9822b")
+    ax1.bar(x + 0.2, [_finite(v) for v in (r.ppl_en, r.ppl_zh, r.ppl)], 0.4, label=f"artifact ({gate_text(r)})"
+            if r.max_ppl_increase is not None else "artifact", color=_gate_color(r))
+    if r.max_ppl_increase is not None and math.isfinite(r.ppl_parent):  # the most the gate allows, on "both"
+        ax1.hlines(r.ppl_parent * (1 + r.max_ppl_increase / 100), 1.55, 2.45, colors=GATE_COLOR, linestyles="--",
+                   linewidth=2, label=f"gate: parent +{r.max_ppl_increase:g}%")
     ax1.set_xticks(x, groups)
     ax1.set_ylabel("perplexity")
     ax1.set_title(f"perplexity ({r.ppl_increase_pct:+.2f}%)" if math.isfinite(r.ppl_increase_pct)
                   else "perplexity")
-    ax1.legend()
+    ax1.legend(fontsize=8, loc="lower center")
 
     kl = r.kl_tokens
     if kl is not None and len(kl) and np.isfinite(kl).all():
@@ -139,7 +166,8 @@ def plot_report(r: "Report", path: str | os.PathLike) -> None:
     ax3.bar_label(bars, labels=[f"{100 * v:.1f}%" for v in vals])
     ax3.set_ylim(0, 1.1)
     ax3.set_title("agreement with the parent")
-    fig.suptitle(f"{r.label}: {r.size_bytes / 1e6:.1f} MB ({_num(r.size_ratio, '.2f')}x the parent)")
+    fig.suptitle(f"{r.label}: {r.size_bytes / 1e6:.1f} MB ({_num(r.size_vs_f16, '.2f')}x f16, "
+                 f"{_num(r.size_ratio, '.2f')}x the parent)")
     fig.tight_layout()
     fig.savefig(path, format="png")
 
@@ -154,16 +182,26 @@ def plot_reports(reports: Sequence["Report"], png_path: str | os.PathLike) -> Pa
     panels = [
         ("perplexity increase over parent (%)", [r.ppl_increase_pct for r in reports], "#d9822b", "{:+.2f}%"),
         ("mean KL(parent ‖ artifact), nats/token", [r.kl_mean for r in reports], "#2b7bd9", "{:.4f}"),
-        ("top-1 token agreement", [r.top1_agreement for r in reports], "#3c9d5d", "{:.1%}"),
-        ("size on disk / parent", [r.size_ratio for r in reports], "#8c6bb1", "{:.2f}"),
+        ("top-1 token agreement", [r.top1_agreement for r in reports], "#4c9fb0", "{:.1%}"),
+        ("size on disk / the same weights in f16", [r.size_vs_f16 for r in reports], "#8c6bb1", "{:.2f}"),
     ]
-    for ax, (title, vals, color, fmt) in zip(axes, panels):
+    for i, (ax, (title, vals, color, fmt)) in enumerate(zip(axes, panels)):
         vals = [_finite(v) for v in vals]
-        bars = ax.bar(range(len(vals)), vals, color=color)
+        colors = [_gate_color(r) for r in reports] if i == 0 else color  # pass green, fail red, no gate orange
+        bars = ax.bar(range(len(vals)), vals, color=colors)
         ax.bar_label(bars, labels=[fmt.format(v) for v in vals], fontsize=8)
         ax.axhline(0, color="black", linewidth=0.6)
         ax.set_xticks(range(len(vals)), labels, rotation=20, ha="right", fontsize=8)
         ax.set_title(title, fontsize=10)
+    gated = [(k, r) for k, r in enumerate(reports) if r.max_ppl_increase is not None]
+    for n, (k, r) in enumerate(gated):  # each artifact's own threshold, over its bar
+        axes[0].hlines(r.max_ppl_increase, k - 0.45, k + 0.45, colors=GATE_COLOR, linestyles="--", linewidth=2,
+                       label="gate (max increase)" if n == 0 else None)
+    if gated:
+        from matplotlib.patches import Patch
+        handles = [Patch(color=PASS_COLOR, label="pass"), Patch(color=FAIL_COLOR, label="fail"),
+                   Patch(color=UNGATED_COLOR, label="no gate / not checked")]
+        axes[0].legend(handles=[*axes[0].get_legend_handles_labels()[0], *handles], fontsize=7)
     fig.tight_layout()
     out = Path(png_path)
     with atomic_output(out, is_file=True) as tmp:

@@ -148,13 +148,15 @@ def test_gguf_with_report_and_gate(tiny, tmp_path, capsys):
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     assert out.is_file() and str(out) in captured.out
-    assert "quality gate passed" in captured.err
+    # a quick report's increase is not comparable to the full one the gate is set for: it says so
+    assert "quality gate (perplexity +5% at most) is not checked on a quick report" in captured.err
+    assert "+≤5%: not checked (quick report)" in (tmp_path / "tiny-f16.gguf.report.md").read_text()
     from hearth.quantize.gguf import read_hearth_metadata
     meta = read_hearth_metadata(out)
     assert any("quality" in k for k in meta)  # the report went into the GGUF's metadata
 
 
-def test_report_gate_fails_with_exit_1_on_a_damaged_artifact(tiny, tmp_path, capsys):
+def test_report_gate_fails_with_exit_1_and_the_parent_is_scored_once(tiny, tmp_path, capsys, monkeypatch):
     import torch
     from safetensors.torch import load_file, save_file
 
@@ -173,9 +175,29 @@ def test_report_gate_fails_with_exit_1_on_a_damaged_artifact(tiny, tmp_path, cap
     copy_tokenizer(tiny, damaged)
     write_manifest(damaged, quantized_manifest(tiny, "test-damage", {"noise": 0.5}))
 
-    assert main(["report", str(damaged), "--quick", "--max-ppl-increase", "1"]) == 1
+    from hearth.quantize import report_eval
+    monkeypatch.setenv("HEARTH_HOME", str(tmp_path / "home"))
+    scored = []
+    real = report_eval.run_parent
+    monkeypatch.setattr(report_eval, "run_parent", lambda *a, **kw: scored.append(a[0]) or real(*a, **kw))
+
+    assert main(["report", str(damaged), "--max-ppl-increase", "1"]) == 1
     err = capsys.readouterr().err
     assert "quality gate failed" in err and "perplexity" in err
+    page = (damaged / "report.md").read_text()
+    assert "+≤1%: fail" in page  # the saved report shows the gate it failed
+    first = json.loads((damaged / "hearth.json").read_text())["metrics"]["quality"]
+    assert first["gate_result"] == "fail" and first["max_ppl_increase"] == 1
+
+    # the second report of the same parent reads its scores from the cache: the parent is not scored again
+    assert main(["report", str(damaged), "--max-ppl-increase", "1"]) == 1
+    err = capsys.readouterr().err
+    assert len(scored) == 1 and "report cache" in err
+    second = json.loads((damaged / "hearth.json").read_text())["metrics"]["quality"]
+    for key in ("ppl", "ppl_parent", "kl_mean", "top1_agreement", "greedy_exact"):
+        assert second[key] == first[key], key
+    assert main(["report", str(damaged), "--no-cache"]) == 0  # no gate, measured afresh
+    assert len(scored) == 2
 
 
 # ----------------------------------------------------------------------------- recipes end to end

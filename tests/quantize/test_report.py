@@ -3,6 +3,7 @@ a damaged copy drifts and fails it; numbers land in the manifest, report.md and 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -135,12 +136,17 @@ def test_damaged_copy_drifts_and_fails_the_gate(clean_report, damaged_report):
     assert r.ppl_increase_pct > 10.0
     assert r.ppl_parent == pytest.approx(clean_report.ppl_parent)  # same parent run
     assert r.greedy_prefix < 1.0 and r.greedy_exact < 1.0
+    gate(r, 5.0)  # a quick report is not gated (its increase is not comparable); it records that
+    assert r.gate_result == "not checked (quick report)"
+    r = dataclasses.replace(r, quick=False)  # the same numbers from a full report
     with pytest.raises(QualityGateError) as e:
         gate(r, 5.0)
     msg = str(e.value)
     assert f"{r.ppl_increase_pct:+.2f}%" in msg and "+5.00%" in msg and "damaged" in msg
+    assert r.gate_result == "fail"
     gate(r, None)  # no threshold: no gate
     gate(r, r.ppl_increase_pct + 1.0)
+    assert r.gate_result == "pass"
 
 
 def test_parent_is_measured_once_per_cache(models, monkeypatch):
