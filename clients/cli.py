@@ -79,12 +79,16 @@ def main(argv: list[str] | None = None) -> int:
     from hearth.runtime.errors import HearthError
     from hearth.runtime.quiet import pop_verbose, setup_output
 
-    argv, verbose = pop_verbose(sys.argv[1:] if argv is None else list(argv))
-    if not argv or argv[0] not in OWN_OUTPUT:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    verbose = pop_verbose(argv)[1]
+    if command not in OWN_OUTPUT:
         setup_output(verbose)  # offline and quiet, before any command loads torch or transformers
-    parser = build_parser(argv[0] if argv and argv[0] in COMMANDS else None)
+    parser = build_parser(command if command in COMMANDS else None)
     # `key=value` overrides may follow the options (`hearth train sft --config r.yaml max_steps=5`)
     args, extra = parser.parse_known_args(argv)
+    extra = pop_verbose(extra)[0]  # --verbose after a command that has no flag of its own
+    args.verbose = verbose  # wherever it stood, also for a command that reads args.verbose itself
     if extra:
         if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
             args.overrides = list(args.overrides or []) + extra
