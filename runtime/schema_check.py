@@ -18,7 +18,7 @@ from urllib.parse import unquote
 
 from .errors import InvalidRequestError
 
-__all__ = ["MAX_SCHEMA_NODES", "check_schema_has_values"]
+__all__ = ["MAX_SCHEMA_NODES", "check_schema_has_values", "closed_objects"]
 
 MAX_SCHEMA_NODES = 20_000
 """Subschemas checked; a larger schema is refused (real ones have a few hundred)."""
@@ -44,6 +44,10 @@ def _pointer(root: Any, ref: str) -> Any:
     return node
 
 
+_SINGLE_SCHEMA_KEYS = ("items", "additionalProperties", "additionalItems", "contains", "not", "if", "then", "else",
+                       "propertyNames", "unevaluatedProperties", "unevaluatedItems")
+
+
 def _subschemas(node: dict) -> list[tuple[str, Any]]:
     """(path suffix, subschema) of every keyword that holds schemas."""
     out: list[tuple[str, Any]] = []
@@ -53,14 +57,40 @@ def _subschemas(node: dict) -> list[tuple[str, Any]]:
     for key in ("allOf", "anyOf", "oneOf", "prefixItems"):
         if isinstance(node.get(key), list):
             out += [(f"/{key}/{i}", v) for i, v in enumerate(node[key])]
-    for key in ("items", "additionalProperties", "additionalItems", "contains", "not", "if", "then", "else",
-                "propertyNames", "unevaluatedProperties", "unevaluatedItems"):
+    for key in _SINGLE_SCHEMA_KEYS:
         if key in node:
             value = node[key]
             if isinstance(value, list):  # draft-4 tuple `items`
                 out += [(f"/{key}/{i}", v) for i, v in enumerate(value)]
             else:
                 out.append((f"/{key}", value))
+    return out
+
+
+def closed_objects(schema: Any, bare: bool = False, depth: int = 0) -> Any:
+    """A copy of `schema` where every object schema that lists `properties` and does not say
+    `additionalProperties` takes no others (xgrammar's strict mode): a small model copies the schema
+    into its tool arguments, `{"input": 3, "type": "integer"}`, when undeclared keys are allowed.
+    bare: also close objects that list no properties (OpenAI's strict mode: `{"type": "object"}` is {}).
+    An explicit `additionalProperties` (true, or a schema) is kept as written. Only schema keywords
+    are walked: a property named "properties", an `enum` or `default` value is never touched."""
+    if not isinstance(schema, dict) or depth > 256:
+        return schema
+    out = dict(schema)
+    for key in _SINGLE_SCHEMA_KEYS:
+        if isinstance(schema.get(key), dict):
+            out[key] = closed_objects(schema[key], bare, depth + 1)
+    for key in ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas"):
+        if isinstance(schema.get(key), dict):
+            out[key] = {k: closed_objects(v, bare, depth + 1) for k, v in schema[key].items()}
+    for key in ("allOf", "anyOf", "oneOf", "prefixItems", "items", "additionalItems"):
+        if isinstance(schema.get(key), list):
+            out[key] = [closed_objects(v, bare, depth + 1) for v in schema[key]]
+    types = schema.get("type")
+    is_object = types == "object" or (isinstance(types, list) and "object" in types)
+    if ("properties" in schema or (bare and is_object)) and "additionalProperties" not in schema \
+            and "unevaluatedProperties" not in schema:
+        out["additionalProperties"] = False
     return out
 
 

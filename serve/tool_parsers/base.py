@@ -19,6 +19,7 @@ from typing import Any, Mapping, Union
 
 from hearth.runtime.detokenizer import partial_suffix  # noqa: F401  (the parsers call base.partial_suffix)
 from hearth.runtime.guided import lark_json
+from hearth.runtime.schema_check import closed_objects
 
 
 def new_call_id() -> str:
@@ -304,6 +305,13 @@ def parse_with(parser: StreamParser, text: str) -> ParsedMessage:
 JSON_FORMAT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": ", "lenient": True}
 
 
+def args_json(parameters: dict) -> str:
+    """`%json{...}` for a tool's arguments: its parameters schema with every object closed to the
+    properties it declares (unless it says `additionalProperties` itself), so a model cannot copy the
+    schema's own keys ("type", "description") into the arguments."""
+    return lark_json(closed_objects(parameters), JSON_FORMAT)
+
+
 def lark_literal(text: str, special_ids: Mapping[str, int] | None = None) -> str:
     """A Lark string literal, or `<[id]>` when `text` is a special token of the model's tokenizer
     (special tokens never match a string literal in llguidance)."""
@@ -336,7 +344,7 @@ def json_call_rules(specs: list[dict], args_key: str, prefix: str = "fn") -> tup
     rules = []
     for i, spec in enumerate(specs):
         head = lark_literal(f'{{"name": "{spec["name"]}", "{args_key}": ')
-        rules.append(f"{prefix}_{i}: {head} {lark_json(spec['parameters'], JSON_FORMAT)} \"}}\"")
+        rules.append(f"{prefix}_{i}: {head} {args_json(spec['parameters'])} \"}}\"")
     return " | ".join(f"{prefix}_{i}" for i in range(len(specs))), rules
 
 

@@ -15,10 +15,8 @@ import json
 import re
 from typing import Any, Mapping
 
-from hearth.runtime.guided import lark_json
-
 from . import base
-from .base import JSON_FORMAT, ParsedMessage, ToolCall
+from .base import ParsedMessage, ToolCall
 
 TOOL_CALLS, ARGS, CALL_ID = "[TOOL_CALLS]", "[ARGS]", "[CALL_ID]"
 MARKERS = (TOOL_CALLS, ARGS, CALL_ID)
@@ -141,7 +139,7 @@ def grammar(tools: list[dict], tool_choice: Any, parallel_tool_calls: bool,
     tc = base.lark_literal(TOOL_CALLS, special_ids)
     if special_ids and ARGS in special_ids:
         args = base.lark_literal(ARGS, special_ids)
-        rules = [f"fn_{i}: {tc} {base.lark_literal(s['name'])} {args} {lark_json(s['parameters'], JSON_FORMAT)}"
+        rules = [f"fn_{i}: {tc} {base.lark_literal(s['name'])} {args} {base.args_json(s['parameters'])}"
                  for i, s in enumerate(specs)]
         body = " | ".join(f"fn_{i}" for i in range(len(specs)))
         return "\n".join([f"start: {'call+' if parallel_tool_calls else 'call'}", f"call: {body}", *rules]) + "\n"

@@ -80,3 +80,31 @@ def test_engine_refuses_before_output_and_still_serves_a_tree(engine):
     if res.finish_reason == "stop":
         jsonschema.validate(json.loads(res.text), TREE)
     assert res.text.startswith('{"name":')
+
+
+# ---- closed_objects: undeclared keys are not allowed unless the schema says so ----------------------
+def test_closed_objects_closes_nested_objects_and_keeps_what_the_user_wrote():
+    from hearth.runtime.schema_check import closed_objects
+
+    schema = {"type": "object", "properties": {
+        "properties": {"type": "object", "properties": {"a": {"type": "integer"}}},  # a property named so
+        "list": {"type": "array", "items": {"type": "object", "properties": {"b": {}}}},
+        "open": {"type": "object", "properties": {"c": {}}, "additionalProperties": True},
+        "typed": {"type": "object", "properties": {}, "additionalProperties": {"type": "object", "properties": {"d": {}}}},
+        "any": {"type": "object"},
+        "pick": {"anyOf": [{"properties": {"e": {}}}, {"type": "string"}]},
+        "enum": {"enum": [{"properties": {}}]}},
+        "$defs": {"x": {"properties": {"f": {}}}}}
+    out = closed_objects(schema)
+    props = out["properties"]
+    assert out["additionalProperties"] is False
+    assert props["properties"]["additionalProperties"] is False and "additionalProperties" not in props["properties"]["properties"]
+    assert props["list"]["items"]["additionalProperties"] is False
+    assert props["open"]["additionalProperties"] is True
+    assert props["typed"]["additionalProperties"] == {"type": "object", "properties": {"d": {}}, "additionalProperties": False}
+    assert "additionalProperties" not in props["any"]  # no properties listed: any object, unless bare
+    assert closed_objects(schema, bare=True)["properties"]["any"]["additionalProperties"] is False
+    assert props["pick"]["anyOf"][0]["additionalProperties"] is False and props["pick"]["anyOf"][1] == {"type": "string"}
+    assert props["enum"] == {"enum": [{"properties": {}}]}  # values are not schemas
+    assert out["$defs"]["x"]["additionalProperties"] is False
+    assert "additionalProperties" not in schema  # the caller's schema is not changed

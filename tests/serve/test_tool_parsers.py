@@ -281,6 +281,22 @@ def test_grammar_required(family, lltok):
 
 
 @pytest.mark.parametrize("family", FAMILIES, ids=lambda m: m.__name__.rsplit(".", 1)[-1])
+def test_grammar_arguments_take_only_declared_keys(family, lltok):
+    # a small model copies the schema into the arguments when undeclared keys are allowed
+    nested = {"type": "function", "function": {"name": "book", "parameters": {"type": "object", "properties": {
+        "input": {"type": "integer"}, "room": {"type": "object", "properties": {"beds": {"type": "integer"}}},
+        "extra": {"type": "object", "properties": {}, "additionalProperties": True}}, "required": ["input"]}}}
+    g = family.grammar([WEATHER, nested], "required", parallel_tool_calls=False)
+    assert accepts(lltok, g, render(family, ("get_weather", {"city": "Paris", "days": 2})))
+    assert not accepts(lltok, g, render(family, ("get_weather", {"city": "Paris", "type": "string"})))
+    assert accepts(lltok, g, render(family, ("book", {"input": 3, "room": {"beds": 2}, "extra": {"any": 1}})))
+    assert not accepts(lltok, g, render(family, ("book", {"input": 3, "type": "integer"})))
+    assert not accepts(lltok, g, render(family, ("book", {"input": 3, "room": {"beds": 2, "type": "integer"}})))
+    # a tool without parameters still takes any object
+    assert accepts(lltok, family.grammar([PING], "required", False), render(family, ("ping", {"x": 1})))
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=lambda m: m.__name__.rsplit(".", 1)[-1])
 def test_grammar_named_and_single(family, lltok):
     g = family.grammar(TOOLS, "add", parallel_tool_calls=False)
     one = render(family, ("add", {"a": 1, "b": 2}))
