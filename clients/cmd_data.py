@@ -21,7 +21,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     actions.required = True
 
     si = actions.add_parser("self-instruct", help="generate instruction data from seed tasks with a teacher model")
-    si.add_argument("--seeds", default=None, help="seed tasks JSONL (default: the bundled English+Chinese seeds)")
+    si.add_argument("--seeds", default=None, help="seed tasks JSONL (default: the bundled English+Chinese seeds; "
+                                                  "training/data/... finds the bundled files from any folder)")
     si.add_argument("--teacher", required=True, help="OpenAI-compatible server URL (http://host:port or .../v1)")
     si.add_argument("--model", required=True, help="the teacher's model name")
     si.add_argument("--n", type=int, required=True, help="tasks wanted in the output in total")
@@ -36,10 +37,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     si.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
     si.add_argument("--max-retries", type=int, default=3)
     si.add_argument("--seed", type=int, default=0)
+    si.add_argument("--verbose", action="store_true", help="also show the libraries' notices and warnings")
     si.set_defaults(func=run_self_instruct)
 
 
 def run_self_instruct(args: argparse.Namespace) -> int:
+    from hearth.clients.quiet import quiet_libraries
+
+    quiet_libraries(verbose=args.verbose)
     from hearth.training.self_instruct import SelfInstructConfig, self_instruct
 
     res = self_instruct(SelfInstructConfig(

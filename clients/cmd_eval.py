@@ -2,6 +2,7 @@
 
     hearth eval ppl --model CKPT --text FILE [--window 1024 --stride 512] [--json] [--save]
     hearth eval mc --model CKPT [--data FILE.jsonl] [--shots 3] [--json] [--output result.json] [--save]
+    hearth eval mc --model runs/sft-lora         # a LoRA adapter (sft merge=false): scored merged into its base
     hearth eval judge --model-url URL --model M --judge-url URL --judge-model J [--data FILE.jsonl]
 
 `--save` merges the scores into the checkpoint's hearth.json metrics (eval_ppl / eval_mc).
@@ -15,13 +16,26 @@ import sys
 
 
 def _model_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="checkpoint path (HF directory or GGUF) or registered name")
+    p.add_argument("--model", required=True, help="checkpoint path (HF directory, GGUF, or a LoRA adapter folder: "
+                                                  "scored on its base) or registered name")
     p.add_argument("--backend", default="auto", choices=["auto", "transformers", "llamacpp"])
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (transformers); cuda offloads llama.cpp")
     p.add_argument("--dtype", default="auto", help="transformers: auto, float32, bfloat16, float16")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for the model")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--save", action="store_true", help="write the scores into the model's hearth.json")
+    _verbose(p)
+
+
+def _verbose(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--verbose", action="store_true",
+                   help="also show the libraries' notices, warnings and per-file progress bars")
+
+
+def _quiet(args: argparse.Namespace) -> None:
+    from hearth.clients.quiet import quiet_libraries
+
+    quiet_libraries(verbose=args.verbose)  # before torch and transformers are imported
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -65,6 +79,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     j.add_argument("--temperature", type=float, default=0.0, help="candidate's sampling temperature")
     j.add_argument("--output", default=None, help="write answers, judge replies and verdicts as JSON")
     j.add_argument("--json", action="store_true", help="print the scores as JSON")
+    _verbose(j)
     j.set_defaults(func=run_judge)
 
 
@@ -74,6 +89,7 @@ def _print_json(obj) -> None:
 
 
 def run_ppl(args: argparse.Namespace) -> int:
+    _quiet(args)
     from hearth.training.eval import PplConfig, perplexity
 
     res = perplexity(PplConfig(model=args.model, text=args.text, window=args.window, stride=args.stride,
@@ -88,6 +104,7 @@ def run_ppl(args: argparse.Namespace) -> int:
 
 
 def run_mc(args: argparse.Namespace) -> int:
+    _quiet(args)
     from hearth.training.eval import MCConfig, format_mc_table, multiple_choice
 
     subjects = [s.strip() for s in args.subjects.split(",") if s.strip()] if args.subjects else None
@@ -103,6 +120,7 @@ def run_mc(args: argparse.Namespace) -> int:
 
 
 def run_judge(args: argparse.Namespace) -> int:
+    _quiet(args)
     from hearth.training.eval import JudgeConfig, judge
     from hearth.training.eval_judge import format_judge_table
 

@@ -14,13 +14,17 @@ Nothing here imports torch at module level.
 
 from __future__ import annotations
 
+import ast
+import contextlib
 import dataclasses
+import inspect
 import json
+import math
 import os
 import re
 import shutil
 import sys
-import tempfile
+import time
 import types
 import typing
 from dataclasses import dataclass
@@ -29,9 +33,10 @@ from typing import Any, Callable, TypeVar
 
 import yaml
 
-from hearth.runtime.checkpoint import Manifest, Parent, content_hash, write_manifest
+from hearth.runtime.checkpoint import MANIFEST_NAME, Manifest, Parent, content_hash, write_manifest
 from hearth.runtime.errors import HearthError
-from hearth.runtime.fileio import TMP_MARK, atomic_write_text  # noqa: F401  (re-exported for the stages)
+from hearth.runtime.fileio import (TMP_MARK, atomic_write_text, commit_dir, make_temp,  # noqa: F401
+                                   remove_stale_temps, staged)
 
 T = TypeVar("T")
 STATE_FILE = "training_state.json"
@@ -52,6 +57,62 @@ class TrainingDataError(HearthError, ValueError):
 
 def say(msg: str) -> None:
     print(f"train: {msg}", file=sys.stderr, flush=True)
+
+
+def progress(total: int | None, label: str, unit: str = "step", initial: int = 0):
+    """The one progress bar of every stage (tqdm on stderr): its label, done of total, seconds per unit and the
+    time left, the stage's key metrics as postfix. Into a log file (no terminal) it redraws every 30 s."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, desc=label, unit=unit, dynamic_ncols=True, file=sys.stderr,
+                mininterval=0.1 if sys.stderr.isatty() else 30.0)
+
+
+class StepClock:
+    """Wall and CPU seconds of one training step (CPU: all of this process's threads), for metrics.jsonl:
+    what a step really costs on this machine, however busy it is."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+
+    def read(self) -> dict[str, float]:
+        return {"step_seconds": round(time.perf_counter() - self.wall, 3),
+                "step_cpu_seconds": round(time.process_time() - self.cpu, 3)}
+
+
+@contextlib.contextmanager
+def gptqmodel_only_if_needed(model: str | os.PathLike | None):
+    """peft imports GPT-QModel to look at every layer it wraps whenever the package is installed, and that
+    import prints a banner, changes CUDA environment settings and tries to download kernels. A model with
+    no GPTQ/AWQ weights never needs it: for such a model, within this block, GPT-QModel counts as absent."""
+    if "gptqmodel" in sys.modules or _gptq_quantized(model):
+        yield
+        return
+    sys.modules["gptqmodel"] = None  # type: ignore[assignment]  # import fails, find_spec says absent
+    try:
+        yield
+    finally:
+        if "gptqmodel" in sys.modules and sys.modules["gptqmodel"] is None:
+            del sys.modules["gptqmodel"]
+        for module in ("peft.import_utils", "transformers.utils.import_utils"):
+            check = getattr(sys.modules.get(module), "is_gptqmodel_available", None)
+            if hasattr(check, "cache_clear"):  # later code in this process sees the package again
+                check.cache_clear()
+
+
+def _gptq_quantized(model: str | os.PathLike | None) -> bool:
+    if model is None:
+        return False
+    try:
+        from hearth.runtime.registry import resolve_model
+        config = json.loads((resolve_model(model, prefer="hf") / "config.json").read_text(encoding="utf-8"))
+    except (HearthError, OSError, ValueError):
+        return False  # the stage itself reports a model it cannot find
+    quant = config.get("quantization_config") or {}
+    return str(quant.get("quant_method", "")).lower() in ("gptq", "awq")
 
 
 # ----------------------------------------------------------------------------- configs
@@ -119,10 +180,41 @@ def _raise() -> Any:
     raise ValueError
 
 
+# One vocabulary for every stage's recipe: the old name -> the name every stage now uses. The old names
+# still work, with a warning (`lora: true|false` is `method: lora|full`, handled beside these).
+RENAMED_KEYS = {
+    "grad_accum": "gradient_accumulation_steps",
+    "save_steps": "save_every",
+    "target_modules": "lora_target_modules",
+    "warmup": "warmup_steps",
+}
+
+
+def _renamed(cls: type, data: dict[str, Any], where: str) -> dict[str, Any]:
+    """`data` with old key names (RENAMED_KEYS, `lora: bool`) moved to the current ones, each with a warning."""
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    out = dict(data)
+    for old, new in RENAMED_KEYS.items():
+        if old in out and old not in names and new in names:
+            if new in out:
+                raise TrainingConfigError(f"{where}: give {new!r} or its old name {old!r}, not both")
+            say(f"{where}: {old!r} is now called {new!r} (the old name still works)")
+            out[new] = out.pop(old)
+    if "lora" in out and "lora" not in names and "method" in names:
+        if not isinstance(out["lora"], bool):
+            raise TrainingConfigError(f"{where}: lora: must be true or false; got {out['lora']!r}")
+        if "method" in out:
+            raise TrainingConfigError(f"{where}: give 'method' or its old form 'lora', not both")
+        out["method"] = "lora" if out.pop("lora") else "full"
+        say(f"{where}: 'lora: true|false' is now 'method: lora|full' (the old form still works)")
+    return out
+
+
 def config_from_dict(cls: type[T], data: dict[str, Any], where: str = "config") -> T:
     """Build a config dataclass from a mapping; unknown keys and wrong types name the field."""
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls) if f.init}
+    data = _renamed(cls, data, where)
     unknown = sorted(set(data) - names)
     if unknown:
         raise TrainingConfigError(f"{where}: unknown key(s) {unknown}; {cls.__name__} takes {sorted(names)}")
@@ -149,6 +241,16 @@ def bundled_path(path: str | os.PathLike) -> Path:
     return PACKAGE_ROOT / p if (PACKAGE_ROOT / p).exists() else p
 
 
+def bundled(path: str | None) -> str | None:
+    """bundled_path as the absolute path a config field holds (None, or a missing file, stays as given): each
+    stage's __post_init__ runs its data fields through it, so a recipe's `training/data/...` works from any
+    folder and the manifest names the file that was read."""
+    if path is None:
+        return None
+    p = bundled_path(path)
+    return str(p.resolve()) if p.exists() else str(path)
+
+
 def find_file(path: str, field_name: str) -> Path:
     """bundled_path, which must exist; the error names the config field."""
     p = bundled_path(path)
@@ -168,8 +270,84 @@ def load_config(cls: type[T], path: str | os.PathLike, overrides: dict[str, Any]
         raise TrainingConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(data, dict):
         raise TrainingConfigError(f"{path}: a recipe is a mapping of {cls.__name__} fields")
-    data.update(overrides or {})
+    data = _renamed(cls, data, str(path))
+    # renamed separately: a new name on the command line beats an old one in the file
+    data.update(_renamed(cls, overrides or {}, "command line"))
     return config_from_dict(cls, data, str(path))
+
+
+# What the fields every stage shares mean, for `--help` where a stage's Config gives no docstring of its own.
+COMMON_FIELD_DOCS = {
+    "output_dir": "Where the output model, checkpoints/, metrics.jsonl and loss.png go.",
+    "method": "full: train every weight; lora: LoRA adapters on a frozen base (qlora, sft only: on an NF4 base).",
+    "lora_r": "LoRA rank (adapter width).",
+    "lora_alpha": "LoRA scale numerator: the adapter's output is multiplied by lora_alpha / lora_r.",
+    "lora_dropout": "Dropout on the adapter's input while training.",
+    "lora_target_modules": "Module names LoRA adapts (e.g. q_proj, v_proj).",
+    "learning_rate": "Peak AdamW learning rate.",
+    "epochs": "Passes over the data (when max_steps is not set).",
+    "max_steps": "Optimizer steps to train.",
+    "batch_size": "Examples per micro-batch, per device.",
+    "gradient_accumulation_steps": "Micro-batches per optimizer step.",
+    "weight_decay": "AdamW weight decay (not applied to norms and biases).",
+    "adam_beta1": "AdamW beta1.",
+    "adam_beta2": "AdamW beta2.",
+    "max_grad_norm": "Clip the global gradient norm to this (0: no clipping).",
+    "seed": "Seeds data order, initialisation and dropout: same seed, same run.",
+    "gradient_checkpointing": "Recompute activations in the backward pass: less memory, about a third more compute.",
+    "precision": "auto: bf16 on GPUs that have it, fp16 on older GPUs, fp32 on CPU.",
+    "device": "auto (CUDA when present), cpu, cuda or cuda:N.",
+    "keep_checkpoints": "How many of the newest checkpoints to keep.",
+    "eval_every": "Steps between evaluations of the held-out loss.",
+    "logging_steps": "Steps between metrics records.",
+    "max_completion_length": "Longest generated answer, in tokens.",
+    "temperature": "Sampling temperature of the generated answers.",
+    "normalize_advantages": "Divide the advantages by their standard deviation.",
+    "mode": "train: a new BPE tokenizer; extend: add tokens to a model's tokenizer and grow its embeddings.",
+    "bos_token": "Special token that starts a sequence (train mode).",
+    "pad_token": "Special token used for padding (train mode).",
+    "unk_token": "Special token for unknown input (train mode).",
+}
+
+
+def field_docs(cls: type) -> list[tuple[str, str, str]]:
+    """(name, default, doc) of each field of a config dataclass, the doc read from the string literal under
+    the field in its source (the house style), for `hearth train STAGE --help`."""
+    docs: dict[str, str] = {}
+    try:
+        tree = ast.parse(inspect.getsource(cls))
+    except (OSError, TypeError, SyntaxError):
+        tree = None
+    if tree is not None:
+        body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+        for node, after in zip(body, body[1:] + [None]):
+            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+                is_doc = isinstance(after, ast.Expr) and isinstance(getattr(after, "value", None), ast.Constant) \
+                    and isinstance(after.value.value, str)
+                docs[node.target.id] = " ".join(after.value.value.split()) if is_doc else ""
+    out = []
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = _yaml_value(f.default)
+        elif f.default_factory is not dataclasses.MISSING:
+            default = _yaml_value(f.default_factory())
+        else:
+            default = "(required)"
+        out.append((f.name, default, docs.get(f.name) or COMMON_FIELD_DOCS.get(f.name, "")))
+    return out
+
+
+def _yaml_value(value: Any) -> str:
+    """A default as it would be written in a recipe (`null`, `[q_proj, v_proj]`, `0.0002`)."""
+    text = yaml.safe_dump(value, default_flow_style=True, width=10_000).strip()
+    return text.removesuffix("...").strip()  # a scalar document ends with an explicit "..."
+
+
+def warmup_count(warmup_steps: float, total: int) -> int:
+    """Warmup steps as every stage reads `warmup_steps`: below 1 a fraction of the run (rounded up), else a count."""
+    return math.ceil(warmup_steps * total) if warmup_steps < 1 else int(warmup_steps)
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:
@@ -191,26 +369,11 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
 
 
 def atomic_dir(final: Path, fill: Callable[[Path], None]) -> Path:
-    """Create `final` by filling a temp dir beside it and renaming it in; a failure leaves no trace."""
+    """Create `final` by filling a temp dir beside it and renaming it in (runtime.fileio.staged); a failure
+    leaves no trace, and the temps of a killed writer are removed by the next one."""
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}{TMP_MARK}"))
-    tmp.chmod(0o755)
-    try:
+    with staged(final, is_dir=True) as tmp:
         fill(tmp)
-        for f in tmp.rglob("*"):
-            if f.is_file():
-                f.chmod(0o644)
-        old = None
-        if final.exists():
-            old = final.with_name(f".{final.name}{TMP_MARK}old-{os.getpid()}")
-            os.rename(final, old)
-        os.rename(tmp, final)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return final
 
 
@@ -223,6 +386,19 @@ class Checkpoint:
     step: int
     state: dict[str, Any]
     """What the stage saved with it (epoch, data position, rng seeds, best loss ...)."""
+
+
+def remove_dead_temps(folder: Path) -> None:
+    """Every temp in `folder` (runtime.fileio names them `.NAME.tmp-...` for their owner process) whose owner
+    is dead is removed; those of live processes, and unmarked ones, stay."""
+    try:
+        names = {e.name[1:e.name.index(TMP_MARK)] for e in os.scandir(folder)
+                 if e.name.startswith(".") and TMP_MARK in e.name[1:]}
+    except OSError:
+        return
+    for name in sorted(names):
+        if name:
+            remove_stale_temps(folder / name)
 
 
 class RunDir:
@@ -238,8 +414,8 @@ class RunDir:
         self.plot = self.out / "loss.png"
         self.keep = keep
         self.out.mkdir(parents=True, exist_ok=True)
-        for p in list(self.out.glob(f".*{TMP_MARK}*")) + list(self.checkpoints.glob(f".*{TMP_MARK}*")):
-            shutil.rmtree(p, ignore_errors=True)  # leftovers of a killed run
+        remove_dead_temps(self.out)  # leftovers of a killed run; a live run's temps in the same folder stay
+        remove_dead_temps(self.checkpoints)
 
     def list(self) -> list[Checkpoint]:
         found = []
@@ -269,22 +445,32 @@ class RunDir:
 
 def publish(out: str | os.PathLike, fill: Callable[[Path], None], manifest: Manifest) -> Path:
     """Write the final model files into `out` (beside checkpoints/ and metrics): weights, config,
-    tokenizer and `hearth.json` appear together. Earlier model files in `out` are replaced."""
+    tokenizer and `hearth.json` are staged in a temp folder, then each renamed over its old copy; files of
+    the previous final model that the new one lacks (a stale shard) go last. `hearth.json` is renamed in
+    last of all, so a manifest always describes complete weights."""
     out = Path(out)
-    staged = Path(tempfile.mkdtemp(dir=out, prefix=f".final{TMP_MARK}"))
+    keep = {"checkpoints", "metrics.jsonl", "loss.png"}
+    tmp = make_temp(out / "final", is_dir=True)
     try:
-        fill(staged)
-        write_manifest(staged, manifest)
-        # drop the previous final model's files first, so no stale shard survives next to the new ones
-        keep = {"checkpoints", "metrics.jsonl", "loss.png", staged.name}
+        fill(tmp)
+        write_manifest(tmp, manifest)
+        new = {p.name for p in tmp.iterdir()}
+        (out / MANIFEST_NAME).unlink(missing_ok=True)  # no manifest while the weights are half replaced
+        for name in sorted(new, key=lambda n: n == MANIFEST_NAME):
+            p = tmp / name
+            if p.is_dir():
+                p.chmod(0o755)
+                for f in p.rglob("*"):
+                    f.chmod(0o755 if f.is_dir() else 0o644)
+                commit_dir(p, out / name)  # a folder (adapter/) is swapped in whole
+            else:
+                p.chmod(0o644)
+                os.replace(p, out / name)
         for p in out.iterdir():
-            if p.name not in keep and not p.name.startswith("."):
+            if p.name not in keep | new and not p.name.startswith("."):
                 shutil.rmtree(p) if p.is_dir() else p.unlink()
-        for p in staged.iterdir():
-            p.chmod(0o755 if p.is_dir() else 0o644)
-            os.replace(p, out / p.name)
     finally:
-        shutil.rmtree(staged, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
@@ -337,9 +523,17 @@ class MetricsLog:
         return out
 
 
+def plot_panels(keys: tuple[str, ...]) -> list[tuple[str, list[str]]]:
+    """(y-axis label, keys) per panel, read from the metric names: every `*loss*` key shares one panel
+    labelled "loss"; any other metric (reward, kl, ...) gets its own panel labelled with its name."""
+    losses = [k for k in keys if "loss" in k]
+    panels = [("loss", losses)] if losses else []
+    return panels + [(k, [k]) for k in keys if "loss" not in k]
+
+
 def plot_metrics(metrics: str | os.PathLike, png: str | os.PathLike, keys: tuple[str, ...] = ("loss", "eval_loss"),
                  title: str = "") -> Path | None:
-    """Loss curves (one line per key present) against step, written atomically; None if nothing to plot."""
+    """Metric curves against step (panels as plot_panels), written atomically; None if nothing to plot."""
     records = _read_jsonl(Path(metrics))
     series = {k: [(r["step"], r[k]) for r in records if k in r and "step" in r] for k in keys}
     series = {k: v for k, v in series.items() if v}
@@ -348,28 +542,26 @@ def plot_metrics(metrics: str | os.PathLike, png: str | os.PathLike, keys: tuple
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(6, 3.5), dpi=110)
+    panels = plot_panels(tuple(series))
+    fig = Figure(figsize=(6, 1.0 + 2.5 * len(panels)), dpi=110)
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    for k, pts in series.items():
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], label=k, marker="." if len(pts) < 40 else None)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    if title:
-        ax.set_title(title)
+    for i, (label, names) in enumerate(panels):
+        ax = fig.add_subplot(len(panels), 1, i + 1)
+        for k in names:
+            pts = series[k]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=k, marker="." if len(pts) < 40 else None)
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        if len(names) > 1:
+            ax.legend()
+        if i == 0 and title:
+            ax.set_title(title)
+        if i == len(panels) - 1:
+            ax.set_xlabel("step")
     fig.tight_layout()
     png = Path(png)
-    fd, tmp = tempfile.mkstemp(dir=png.parent, prefix=f".{png.name}{TMP_MARK}", suffix=".png")
-    os.close(fd)
-    try:
+    with staged(png) as tmp:
         fig.savefig(tmp, format="png")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, png)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return png
 
 

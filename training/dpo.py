@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from hearth.training.common import (TrainingConfigError, config_to_dict, peak_memory_mb, pick_precision,
-                                    plot_metrics, say, stage_manifest)
-from hearth.training.trl_support import (check_config, checkpoint_bridge, load_pairs, load_tokenizer,
+from hearth.training.common import (TrainingConfigError, bundled, config_to_dict, gptqmodel_only_if_needed,
+                                    peak_memory_mb, pick_precision, plot_metrics, say, stage_manifest)
+from hearth.training.trl_support import (attach, check_config, checkpoint_bridge, load_pairs, load_tokenizer,
                                          lora_config, merged_policy, prepare_run, publish_model, resolve_device,
                                          say_speed, split_pairs, trainer_args)
 
@@ -37,7 +37,7 @@ class Config:
     """Where the trained policy, checkpoints/, metrics.jsonl and loss.png go."""
     model: str = "smollm2-135m-instruct"
     """The starting policy (a checkpoint dir or a registered model name); also the frozen reference."""
-    data: str = str(BUNDLED_PREFERENCES)
+    data: str = "training/data/preferences.jsonl"
     """Preference JSONL: prompt (text or chat messages), chosen, rejected."""
     eval_fraction: float = 0.0
     """Share of the pairs held out (picked by `seed`); the margin and accuracy on them are reported at the end."""
@@ -50,11 +50,13 @@ class Config:
     """Pairs per optimizer step (per device, before gradient accumulation)."""
     gradient_accumulation_steps: int = 1
     learning_rate: float = 5e-5
-    warmup_steps: int = 0
+    warmup_steps: float = 0
+    """Linear warmup: below 1 a fraction of max_steps, else a number of steps."""
     weight_decay: float = 0.0
     max_length: int = 512
     """Prompt + answer tokens kept per sequence (longer ones are cut at the end)."""
-    lora: bool = True
+    method: Literal["full", "lora"] = "lora"
+    """lora: train LoRA adapters (merged into the output, also kept under adapter/); full: every weight."""
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.0
@@ -64,21 +66,28 @@ class Config:
     device: str = "auto"
     """"auto" (CUDA when present), "cpu" or "cuda"."""
     seed: int = 0
-    save_steps: int = 10
+    save_every: int = 10
+    """Write a resumable checkpoint every this many steps; the last step is always checkpointed."""
     keep_checkpoints: int = 2
     logging_steps: int = 1
 
     def __post_init__(self) -> None:
+        self.data = bundled(self.data)
         if not 0.0 <= self.eval_fraction < 1.0:
             raise TrainingConfigError(f"eval_fraction must be in [0, 1); got {self.eval_fraction}")
         if self.beta <= 0:
             raise TrainingConfigError(f"beta must be > 0; got {self.beta}")
         check_config(self, ("max_steps", "batch_size", "gradient_accumulation_steps", "max_length", "lora_r",
-                            "save_steps", "logging_steps"))
+                            "save_every", "logging_steps"))
 
 
 def run(config: Config, resume: bool = False) -> Path:
     """Train the policy with DPO; returns the output checkpoint dir."""
+    with gptqmodel_only_if_needed(config.model):
+        return _run(config, resume)
+
+
+def _run(config: Config, resume: bool) -> Path:
     import torch
     from transformers import AutoModelForCausalLM
     from trl import DPOConfig, DPOTrainer
@@ -100,7 +109,7 @@ def run(config: Config, resume: bool = False) -> Path:
     # fp32 master weights; bf16/fp16 come in through autocast where the device has them
     model = AutoModelForCausalLM.from_pretrained(base, local_files_only=True, dtype=torch.float32)
     peft_config, ref_model = None, None
-    if cfg.lora:
+    if cfg.method == "lora":
         # the reference is the same base with the adapter switched off: no second copy in memory
         peft_config = lora_config(cfg, "CAUSAL_LM")
     else:
@@ -110,9 +119,11 @@ def run(config: Config, resume: bool = False) -> Path:
         **trainer_args(cfg, run_dir, device, precision), beta=cfg.beta, loss_type=[cfg.loss_type],
         per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.batch_size,
         max_length=cfg.max_length)
-    bridge = checkpoint_bridge(run_dir, log, {"seed": cfg.seed})
+    bridge = checkpoint_bridge(run_dir, log, {"seed": cfg.seed}, label=f"dpo-{cfg.method}",
+                               show={"loss": "loss", "rewards/margins": "margin", "rewards/accuracies": "acc"})
     trainer = DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=Dataset.from_list(train_pairs),
-                         processing_class=tok, peft_config=peft_config, callbacks=[bridge])
+                         processing_class=tok, peft_config=peft_config)
+    attach(trainer, bridge)
 
     t0 = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=str(start.path) if start else None)
@@ -122,9 +133,10 @@ def run(config: Config, resume: bool = False) -> Path:
     # margin and accuracy of the final policy against the reference, on the training and held-out pairs
     metrics: dict[str, Any] = {"steps": result.global_step, "train_pairs": len(train_pairs),
                                "heldout_pairs": len(held_pairs)}
-    bridge.quiet = True
     for name, subset in (("train", train_pairs), ("heldout", held_pairs)):
         if subset:
+            what = "training" if name == "train" else "held-out"
+            bridge.evaluating(f"evaluating the final policy on the {len(subset)} {what} pairs")
             ev = trainer.evaluate(eval_dataset=Dataset.from_list(subset))
             metrics[f"{name}_margin"] = ev["eval_rewards/margins"]
             metrics[f"{name}_accuracy"] = ev["eval_rewards/accuracies"]
@@ -134,9 +146,9 @@ def run(config: Config, resume: bool = False) -> Path:
     losses = [r["loss"] for r in log.read() if "loss" in r]
     metrics["final_loss"] = losses[-1] if losses else result.training_loss
     log.log(step=result.global_step, **{k: v for k, v in metrics.items() if k.startswith(("train_", "heldout_"))})
-    plot_metrics(run_dir.metrics, run_dir.plot, keys=("loss",), title="DPO loss")
+    plot_metrics(run_dir.metrics, run_dir.plot, keys=("loss", "rewards/margins"), title="DPO")
 
-    policy, adapter_dir = merged_policy(trainer.model, cfg.lora, run_dir)  # a plain causal LM (+ adapter/)
+    policy, adapter_dir = merged_policy(trainer.model, cfg.method == "lora", run_dir)  # plain causal LM (+ adapter/)
 
     mem = peak_memory_mb()
     metrics.update(tokens_per_s=tokens / max(seconds, 1e-9), **mem)

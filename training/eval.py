@@ -30,11 +30,11 @@ from typing import Any, Protocol, Sequence
 
 import numpy as np
 
-from hearth.runtime.checkpoint import content_hash, inspect_checkpoint, update_metrics
-from hearth.runtime.errors import ContextLengthExceeded, UnsupportedModelError
+from hearth.runtime.checkpoint import content_hash, inspect_checkpoint, read_manifest, update_metrics
+from hearth.runtime.errors import ContextLengthExceeded, HearthError, UnsupportedModelError
 from hearth.runtime.registry import resolve_model
 
-from .common import TrainingConfigError, TrainingDataError, atomic_write_text
+from .common import TrainingConfigError, TrainingDataError, atomic_write_text, bundled, progress
 from .data import read_jsonl_objects
 from .eval_judge import JudgeConfig, JudgeResult, judge  # noqa: F401  (the API mirrors the commands)
 
@@ -109,19 +109,32 @@ class BackendModel:
 
 
 class HFModel:
-    """Plain transformers forward, for HF architectures the runtime's transformers backend lacks."""
+    """Plain transformers forward, for HF architectures the runtime's transformers backend lacks, and for a
+    LoRA adapter merged into its base in memory (`adapter`: see find_adapter)."""
 
-    def __init__(self, path: Path, device: str, dtype: str):
+    def __init__(self, path: Path, device: str, dtype: str, adapter: "Adapter | None" = None):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        inspect_checkpoint(path)  # the safety gate: no pickle, no remote code
         self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                                    "cpu" if device == "auto" else device)
         dtypes = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtypes.get(dtype), local_files_only=True,
-                                                          use_safetensors=True).to(self.device).eval()
-        self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        if adapter is None:
+            inspect_checkpoint(path)  # the safety gate: no pickle, no remote code
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtypes.get(dtype), local_files_only=True,
+                                                         use_safetensors=True)
+        else:
+            from .common import gptqmodel_only_if_needed
+            from .sft import merge_adapter
+
+            inspect_checkpoint(adapter.base)
+            with gptqmodel_only_if_needed(adapter.base):
+                model = merge_adapter(adapter.base, adapter.adapter, adapter.qlora)
+            if dtypes.get(dtype) is not None:
+                model = model.to(dtypes[dtype])
+        self.model = model.to(self.device).eval()
+        tok_dir = path if (path / "tokenizer_config.json").is_file() else adapter.base if adapter else path
+        self.tokenizer = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
         self.max_len = int(getattr(self.model.config, "max_position_embeddings", 2048) or 2048)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
@@ -143,13 +156,70 @@ class HFModel:
         del self.model
 
 
+@dataclass
+class Adapter:
+    """A LoRA adapter with no weights of its own beside it, and the base it was trained on."""
+
+    adapter: Path
+    """The folder with adapter_config.json and adapter_model.safetensors."""
+    base: Path
+    qlora: bool
+    """Trained on an NF4-quantized base: merged through the same NF4 rounding (sft.merge_adapter)."""
+
+
+def find_adapter(path: Path) -> Adapter | None:
+    """The adapter when `path` holds one and no model weights: an sft output written with `merge: false`
+    (adapter/ beside hearth.json) or a bare adapter folder. Its base comes from the sft manifest (the
+    parent, pinned by hash), else from adapter_config.json's base_model_name_or_path. None otherwise."""
+    if not path.is_dir():
+        return None
+    weights = [f for f in path.glob("*.safetensors") if f.name != "adapter_model.safetensors"]
+    if weights or list(path.glob("*.gguf")):
+        return None
+    adapter = path / "adapter" if (path / "adapter" / "adapter_config.json").is_file() else path
+    if not (adapter / "adapter_config.json").is_file():
+        return None
+    if not (adapter / "adapter_model.safetensors").is_file():
+        raise TrainingConfigError(f"{adapter}: a LoRA adapter needs adapter_model.safetensors (pickle adapters "
+                                  "are not loaded)")
+    manifest = read_manifest(path) or read_manifest(adapter.parent)
+    base = None
+    if manifest is not None and manifest.stage == "sft":
+        base = manifest.parameters.get("base") or (manifest.parent.path if manifest.parent else None)
+    if base is None:
+        try:
+            base = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8")).get(
+                "base_model_name_or_path")
+        except (OSError, ValueError):
+            base = None
+    if not base:
+        raise TrainingConfigError(f"{path} holds a LoRA adapter but does not say its base model; merge it with "
+                                  f"`quantize merge --base BASE --adapter {adapter} -o OUT` and evaluate OUT")
+    try:
+        base_path = Path(resolve_model(base, prefer="hf"))
+    except HearthError as e:
+        raise TrainingConfigError(f"{path} holds a LoRA adapter for the base {base}, which cannot be opened "
+                                  f"({e}); merge it with `quantize merge --base BASE --adapter {adapter} -o OUT` "
+                                  "and evaluate OUT") from None
+    return Adapter(adapter=adapter, base=base_path, qlora=bool(manifest and manifest.method == "sft-qlora"))
+
+
 def load_logit_model(model: str, backend: str = "auto", device: str = "auto", dtype: str = "auto",
                      threads: int | None = None, context: int = 2048,
                      kv_cache_gb: float = 1.0) -> tuple[LogitModel, Path]:
-    """Open a checkpoint (registered name or path) for scoring; returns the model and the resolved path."""
+    """Open a checkpoint (registered name or path) for scoring; returns the model and the resolved path.
+    A LoRA adapter folder (find_adapter) is scored as its base with the adapter merged in, in memory."""
     if backend not in BACKENDS:
         raise TrainingConfigError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
     path = Path(resolve_model(model, prefer="hf" if backend == "transformers" else "gguf"))
+    adapter = find_adapter(path)
+    if adapter is not None:
+        if backend == "llamacpp":
+            raise TrainingConfigError(f"{path} holds a LoRA adapter: llama.cpp scores GGUF files; use "
+                                      "--backend transformers (or auto)")
+        say(f"{path} holds a LoRA adapter and no merged weights: scoring it merged into its base {adapter.base} "
+            "(in memory, plain transformers forward)")
+        return HFModel(path, device, dtype if dtype != "auto" else "float32", adapter=adapter), path
     fmt = inspect_checkpoint(path).format
     if backend == "auto":
         backend = "llamacpp" if fmt == "gguf" else "transformers"
@@ -207,6 +277,7 @@ class PplConfig:
     """Write the result into the model's hearth.json metrics."""
 
     def __post_init__(self) -> None:
+        self.text = bundled(self.text)
         if self.window < 2:
             raise TrainingConfigError(f"window must be at least 2; got {self.window}")
         if self.stride is not None and not 1 <= self.stride < self.window:
@@ -262,9 +333,7 @@ def perplexity(cfg: PplConfig, model: LogitModel | None = None) -> PplResult:
         t0 = time.perf_counter()
         nll, scored, windows = 0.0, 0, 0
         done = 1  # ids[:done] are scored (ids[0] has nothing before it)
-        from tqdm import tqdm
-
-        with tqdm(total=len(ids) - 1, desc="ppl", unit="tok", disable=None) as bar:
+        with progress(len(ids) - 1, "eval ppl", unit="tok") as bar:
             while done < len(ids):
                 # the first window scores all it can; each later one `stride` new tokens, seeing up to
                 # window - stride tokens before them (stride < window keeps each target's predecessor in)
@@ -435,6 +504,7 @@ class MCConfig:
     """Write the full result (with each question's probabilities) as JSON here."""
 
     def __post_init__(self) -> None:
+        self.data = bundled(self.data)
         if self.shots < 0:
             raise TrainingConfigError(f"shots must be >= 0; got {self.shots}")
         if self.limit is not None and self.limit < 1:
@@ -520,15 +590,14 @@ def multiple_choice(cfg: MCConfig, model: LogitModel | None = None) -> MCResult:
     path = None
     if own:
         model, path = load_logit_model(cfg.model, cfg.backend, cfg.device, cfg.dtype, cfg.threads, cfg.context)
-    from tqdm import tqdm
-
     scores: dict[str, SubjectScore] = {}
     preds: list[MCPrediction] = []
     t0 = time.perf_counter()
     cues: dict[str, AnswerTokens] = {}
     try:
         todo = [q for s in sorted(tests) for q in tests[s]]
-        for q in tqdm(todo, desc="mc", unit="q", disable=None):
+        bar = progress(len(todo), "eval mc", unit="question")
+        for q in todo:
             cue = _cue(q)
             if cue not in cues:
                 cues[cue] = answer_tokens(model, cue)
@@ -548,6 +617,8 @@ def multiple_choice(cfg: MCConfig, model: LogitModel | None = None) -> MCResult:
             sc.correct += int(pred == q.answer)
             preds.append(MCPrediction(q.id, q.subject, LETTERS[q.answer], LETTERS[pred],
                                       {L: round(float(p), 6) for L, p in zip(LETTERS, probs)}, len(shots)))
+            bar.update(1)
+        bar.close()
     finally:
         if own:
             model.close()

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .common import TrainingConfigError, TrainingDataError, atomic_write_text
+from .common import TrainingConfigError, TrainingDataError, atomic_write_text, bundled, progress
 from .eval_openai import TeacherError, async_client, chat
 
 BUNDLED_JUDGE_SET = Path(__file__).resolve().parent / "data" / "judge_set.jsonl"
@@ -278,12 +278,10 @@ async def _judge_all(cfg: JudgeConfig, items: list[JudgeItem], bar: Any) -> list
 def judge(cfg: JudgeConfig) -> JudgeResult:
     """Answer, judge both orders, aggregate per category. Requests that fail after retries leave their
     question out (with a warning); if every question fails, TeacherError."""
-    from tqdm import tqdm
-
-    data = Path(cfg.data) if cfg.data else BUNDLED_JUDGE_SET
+    data = Path(bundled(cfg.data)) if cfg.data else BUNDLED_JUDGE_SET
     items = read_judge_set(data)[:cfg.limit]
     t0 = time.perf_counter()
-    with tqdm(total=len(items), desc="judge", unit="q", disable=None) as bar:
+    with progress(len(items), "eval judge", unit="question") as bar:
         records = asyncio.run(_judge_all(cfg, items, bar))
     scored = [r for r in records if r.score is not None]
     if not scored:

@@ -31,12 +31,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal
 
-from hearth.training.common import (TrainingConfigError, TrainingDataError, config_to_dict, peak_memory_mb,
-                                    pick_precision, plot_metrics, say, stage_manifest)
-from hearth.training.trl_support import (check_config, checkpoint_bridge, load_tokenizer, lora_config, merged_policy,
-                                         prepare_run, publish_model, resolve_device, say_speed, trainer_args)
-
-BUNDLED_PREFERENCES = Path(__file__).parent / "data" / "preferences.jsonl"
+from hearth.training.common import (TrainingConfigError, TrainingDataError, bundled, config_to_dict,
+                                    gptqmodel_only_if_needed, peak_memory_mb, pick_precision, plot_metrics, say,
+                                    stage_manifest)
+from hearth.training.trl_support import (attach, check_config, checkpoint_bridge, load_tokenizer, lora_config,
+                                         merged_policy, prepare_run, publish_model, resolve_device, say_speed,
+                                         trainer_args)
 
 
 @dataclass
@@ -51,7 +51,7 @@ class Config:
     """A reward-model checkpoint (the rm stage's output). Exactly one of reward_model / reward_function."""
     reward_function: str | None = None
     """A Python reward callable as "module:function" (see the module docstring for its contract)."""
-    prompts: str = str(BUNDLED_PREFERENCES)
+    prompts: str = "training/data/preferences.jsonl"
     """JSONL of prompts: "prompt" (text or messages) or "messages" per record; other fields are ignored."""
     beta: float = 0.05
     """KL coefficient: each answer's reward loses beta * KL(policy || reference). 0 turns the penalty off."""
@@ -67,9 +67,11 @@ class Config:
     max_steps: int = 40
     gradient_accumulation_steps: int = 1
     learning_rate: float = 1e-5
-    warmup_steps: int = 0
+    warmup_steps: float = 0
+    """Linear warmup: below 1 a fraction of max_steps, else a number of steps."""
     weight_decay: float = 0.0
-    lora: bool = True
+    method: Literal["full", "lora"] = "lora"
+    """lora: train LoRA adapters (merged into the output, also kept under adapter/); full: every weight."""
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.0
@@ -79,11 +81,13 @@ class Config:
     device: str = "auto"
     """"auto" (CUDA when present), "cpu" or "cuda"."""
     seed: int = 0
-    save_steps: int = 10
+    save_every: int = 10
+    """Write a resumable checkpoint every this many steps; the last step is always checkpointed."""
     keep_checkpoints: int = 2
     logging_steps: int = 1
 
     def __post_init__(self) -> None:
+        self.prompts = bundled(self.prompts)
         if (self.reward_model is None) == (self.reward_function is None):
             raise TrainingConfigError("give exactly one of reward_model (an rm checkpoint) and reward_function "
                                       "(module:function)")
@@ -98,7 +102,7 @@ class Config:
         if self.temperature <= 0:
             raise TrainingConfigError(f"temperature must be > 0; got {self.temperature}")
         check_config(self, ("prompts_per_step", "max_completion_length", "max_steps", "gradient_accumulation_steps",
-                            "lora_r", "save_steps", "logging_steps"))
+                            "lora_r", "save_every", "logging_steps"))
 
 
 # ----------------------------------------------------------------------------- prompts and rewards
@@ -161,6 +165,11 @@ def import_reward_function(spec: str) -> Callable[..., list[float]]:
 
 def run(config: Config, resume: bool = False) -> Path:
     """Optimise the policy against the reward; returns the output checkpoint dir."""
+    with gptqmodel_only_if_needed(config.model):
+        return _run(config, resume)
+
+
+def _run(config: Config, resume: bool) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
     from trl import RLOOConfig, RLOOTrainer
@@ -198,17 +207,19 @@ def run(config: Config, resume: bool = False) -> Path:
     saved_padding_side = tok.padding_side
     tok.padding_side = "left"  # prompts are left-padded so every answer starts at the same column
     model = AutoModelForCausalLM.from_pretrained(base, local_files_only=True, dtype=torch.float32)
-    peft_config = lora_config(cfg, "CAUSAL_LM") if cfg.lora else None
+    peft_config = lora_config(cfg, "CAUSAL_LM") if cfg.method == "lora" else None
 
     args = RLOOConfig(
         **trainer_args(cfg, run_dir, device, precision), beta=cfg.beta, num_generations=cfg.num_generations,
         per_device_train_batch_size=cfg.prompts_per_step * cfg.num_generations,
         max_completion_length=cfg.max_completion_length, temperature=cfg.temperature, epsilon=cfg.epsilon,
         normalize_advantages=cfg.normalize_advantages)
-    bridge = checkpoint_bridge(run_dir, log, {"seed": cfg.seed})
+    bridge = checkpoint_bridge(run_dir, log, {"seed": cfg.seed}, label=f"ppo-rloo-{cfg.method}",
+                               show={"reward": "reward", "kl": "kl"})
     trainer = RLOOTrainer(model=model, reward_funcs=reward_fn, args=args,
                           train_dataset=Dataset.from_list([{"prompt": p} for p in prompts]), processing_class=tok,
-                          reward_processing_classes=reward_tok, peft_config=peft_config, callbacks=[bridge])
+                          reward_processing_classes=reward_tok, peft_config=peft_config)
+    attach(trainer, bridge)
 
     t0 = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=str(start.path) if start else None)
@@ -225,9 +236,9 @@ def run(config: Config, resume: bool = False) -> Path:
             metrics["kl_last"] = sum(r.get("kl", 0.0) for r in records[-k:]) / k
         say(f"mean reward {metrics['reward_first']:.3f} (first {k} steps) -> {metrics['reward_last']:.3f} "
             f"(last {k})" + (f", KL to reference {metrics['kl_last']:.4f}" if "kl_last" in metrics else ""))
-    plot_metrics(run_dir.metrics, run_dir.plot, keys=("reward", "kl"), title="RLOO: mean reward and KL to the reference")
+    plot_metrics(run_dir.metrics, run_dir.plot, keys=("reward", "kl"), title="RLOO: mean reward, KL to the reference")
 
-    policy, adapter_dir = merged_policy(trainer.model, cfg.lora, run_dir)  # a plain causal LM (+ adapter/)
+    policy, adapter_dir = merged_policy(trainer.model, cfg.method == "lora", run_dir)  # plain causal LM (+ adapter/)
 
     mem = peak_memory_mb()
     metrics.update(tokens_per_s=tokens / max(seconds, 1e-9), **mem)

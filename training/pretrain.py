@@ -25,8 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from hearth.training.common import (MetricsLog, RunDir, TrainingConfigError, config_to_dict, find_file, peak_memory_mb,
-                                    pick_precision, plot_metrics, publish, say, stage_manifest)
+from hearth.training.common import (MetricsLog, RunDir, TrainingConfigError, bundled, config_to_dict, find_file,
+                                    peak_memory_mb, pick_precision, plot_metrics, progress, publish, say,
+                                    StepClock, stage_manifest, warmup_count)
 from hearth.training.data import load_texts, split_eval
 
 TRAINER_STATE = "trainer_state.pt"
@@ -47,6 +48,7 @@ class Source:
         if not (self.weight > 0 and math.isfinite(self.weight)):
             raise ValueError(f"weight must be a positive number; got {self.weight}")
         self.name = self.name or Path(self.path).stem
+        self.path = bundled(self.path)
 
 
 @dataclass
@@ -74,7 +76,8 @@ class Config:
     learning_rate: float = 3e-4
     min_lr_ratio: float = 0.1
     """The cosine schedule ends at learning_rate * min_lr_ratio."""
-    warmup_steps: int = 10
+    warmup_steps: float = 10
+    """Linear warmup: below 1 a fraction of max_steps, else a number of steps."""
     weight_decay: float = 0.1
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
@@ -92,7 +95,7 @@ class Config:
     eval_max_blocks: int = 16
     """At most this many held-out blocks per source per evaluation."""
     save_every: int = 50
-    """Write a checkpoint every this many steps (0: only the final model)."""
+    """Write a checkpoint every this many steps and at the last one (0: only the final model)."""
     keep_checkpoints: int = 2
     seed: int = 0
 
@@ -252,10 +255,12 @@ def _scratch_model(cfg: Config, tok: Any) -> Any:
 
 
 def _lr_lambda(cfg: Config):
+    warm = warmup_count(cfg.warmup_steps, cfg.max_steps)
+
     def factor(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / (cfg.warmup_steps + 1)
-        progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+        if step < warm:
+            return (step + 1) / (warm + 1)
+        progress = min(1.0, (step - warm) / max(1, cfg.max_steps - warm))
         return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
     return factor
 
@@ -290,7 +295,6 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 def run(config: Config, resume: bool = False) -> Path:
     import torch
-    from tqdm import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     cfg = config
@@ -421,8 +425,9 @@ def run(config: Config, resume: bool = False) -> Path:
         f"{device} {precision}, {per_step * cfg.block_size} tokens per step, steps {start}..{cfg.max_steps}")
     last: dict[str, float] = {}
     train_tokens, train_seconds = 0, 0.0
-    bar = tqdm(total=cfg.max_steps, initial=start, desc="pretrain", unit="step", dynamic_ncols=True)
+    bar = progress(cfg.max_steps, f"pretrain-{'continue' if parent else 'scratch'}", unit="step", initial=start)
     for step in range(start, cfg.max_steps):
+        clock = StepClock()
         t0 = time.perf_counter()
         step_loss = 0.0
         for micro in range(cfg.gradient_accumulation_steps):
@@ -449,14 +454,14 @@ def run(config: Config, resume: bool = False) -> Path:
         train_tokens += per_step * cfg.block_size
         done = step + 1
         record = {"step": done, "loss": step_loss, "lr": lr, "grad_norm": float(grad_norm),
-                  "tokens": done * per_step * cfg.block_size}
+                  "tokens": done * per_step * cfg.block_size, **clock.read()}
         if done % cfg.eval_every == 0 or done == cfg.max_steps:
             record.update(evaluate())
         log.log(**record)
         last = record
         bar.set_postfix(loss=f"{step_loss:.3f}", lr=f"{lr:.2e}")
         bar.update(1)
-        if cfg.save_every and done % cfg.save_every == 0 and done < cfg.max_steps:
+        if cfg.save_every and (done % cfg.save_every == 0 or done == cfg.max_steps):  # the last too, for --resume
             save(done)
     bar.close()
 

@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
-from hearth.training.common import (TrainingConfigError, config_to_dict, peak_memory_mb, pick_precision,
-                                    plot_metrics, say, stage_manifest)
-from hearth.training.trl_support import (check_config, checkpoint_bridge, load_pairs, load_tokenizer,
+from hearth.training.common import (TrainingConfigError, bundled, config_to_dict, gptqmodel_only_if_needed,
+                                    peak_memory_mb, pick_precision, plot_metrics, progress, say, stage_manifest)
+from hearth.training.trl_support import (attach, check_config, checkpoint_bridge, load_pairs, load_tokenizer,
                                          lora_config, prepare_run, publish_model, resolve_device, say_speed,
                                          split_pairs, trainer_args)
 
@@ -37,7 +37,7 @@ class Config:
     """Where the reward model, checkpoints/, metrics.jsonl and loss.png go."""
     model: str = "smollm2-135m-instruct"
     """A causal LM checkpoint dir or a registered model name; its LM head is replaced by a 1-output score head."""
-    data: str = str(BUNDLED_PREFERENCES)
+    data: str = "training/data/preferences.jsonl"
     """Preference JSONL: prompt (text or chat messages), chosen, rejected."""
     eval_fraction: float = 0.2
     """Share of the pairs held out (picked by `seed`) to report pairwise accuracy on unseen pairs."""
@@ -46,11 +46,13 @@ class Config:
     """Pairs per optimizer step (per device, before gradient accumulation)."""
     gradient_accumulation_steps: int = 1
     learning_rate: float = 1e-4
-    warmup_steps: int = 0
+    warmup_steps: float = 0
+    """Linear warmup: below 1 a fraction of max_steps, else a number of steps."""
     weight_decay: float = 0.0
     max_length: int = 512
     """Pairs whose chosen or rejected rendering is longer (tokens) are dropped."""
-    lora: bool = True
+    method: Literal["full", "lora"] = "lora"
+    """lora: LoRA adapters (merged into the output) with the new score head trained in full; full: every weight."""
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.0
@@ -60,15 +62,17 @@ class Config:
     device: str = "auto"
     """"auto" (CUDA when present), "cpu" or "cuda"."""
     seed: int = 0
-    save_steps: int = 20
+    save_every: int = 20
+    """Write a resumable checkpoint every this many steps; the last step is always checkpointed."""
     keep_checkpoints: int = 2
     logging_steps: int = 1
 
     def __post_init__(self) -> None:
+        self.data = bundled(self.data)
         if not 0.0 <= self.eval_fraction < 1.0:
             raise TrainingConfigError(f"eval_fraction must be in [0, 1); got {self.eval_fraction}")
         check_config(self, ("max_steps", "batch_size", "gradient_accumulation_steps", "max_length", "lora_r",
-                            "save_steps", "logging_steps"))
+                            "save_every", "logging_steps"))
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -111,13 +115,23 @@ class RewardModel:
         texts = [self.tokenizer.apply_chat_template(c, tokenize=False) for c in conversations]
         return self.score(texts, batch_size)
 
-    def pairwise_accuracy(self, pairs: Sequence[dict[str, Any]]) -> float:
-        """Share of pairs where chosen outscores rejected (pairs in `load_pairs` form)."""
+    def pairwise_accuracy(self, pairs: Sequence[dict[str, Any]], label: str | None = None) -> float:
+        """Share of pairs where chosen outscores rejected (pairs in `load_pairs` form); with `label`, a
+        progress bar per pair scored."""
         if not pairs:
             return math.nan
-        chosen = self.score_chats([p["prompt"] + p["chosen"] for p in pairs])
-        rejected = self.score_chats([p["prompt"] + p["rejected"] for p in pairs])
-        return sum(c > r for c, r in zip(chosen, rejected)) / len(pairs)
+        bar = progress(len(pairs), label, unit="pair") if label else None
+        wins = 0
+        for i in range(0, len(pairs), 8):
+            chunk = pairs[i:i + 8]
+            chosen = self.score_chats([p["prompt"] + p["chosen"] for p in chunk])
+            rejected = self.score_chats([p["prompt"] + p["rejected"] for p in chunk])
+            wins += sum(c > r for c, r in zip(chosen, rejected))
+            if bar is not None:
+                bar.update(len(chunk))
+        if bar is not None:
+            bar.close()
+        return wins / len(pairs)
 
 
 # ----------------------------------------------------------------------------- run
@@ -125,6 +139,11 @@ class RewardModel:
 
 def run(config: Config, resume: bool = False) -> Path:
     """Train the reward model; returns the output checkpoint dir."""
+    with gptqmodel_only_if_needed(config.model):
+        return _run(config, resume)
+
+
+def _run(config: Config, resume: bool) -> Path:
     import torch
     from transformers import AutoModelForSequenceClassification
     from trl import RewardConfig, RewardTrainer
@@ -149,15 +168,17 @@ def run(config: Config, resume: bool = False) -> Path:
     model.config.pad_token_id = tok.pad_token_id  # the head reads the last non-pad token of each row
 
     # the new score head trains in full
-    peft_config = lora_config(cfg, "SEQ_CLS", modules_to_save=["score"]) if cfg.lora else None
+    peft_config = lora_config(cfg, "SEQ_CLS", modules_to_save=["score"]) if cfg.method == "lora" else None
 
     args = RewardConfig(
         **trainer_args(cfg, run_dir, device, precision), per_device_train_batch_size=cfg.batch_size,
         per_device_eval_batch_size=cfg.batch_size, max_length=cfg.max_length, center_rewards_coefficient=None)
-    bridge = checkpoint_bridge(run_dir, log, {"seed": cfg.seed})
+    bridge = checkpoint_bridge(run_dir, log, {"seed": cfg.seed}, label=f"rm-{cfg.method}",
+                               show={"loss": "loss", "accuracy": "acc", "margin": "margin"})
     trainer = RewardTrainer(
         model=model, args=args, train_dataset=Dataset.from_list(train_pairs), processing_class=tok,
-        peft_config=peft_config, callbacks=[bridge])
+        peft_config=peft_config)
+    attach(trainer, bridge)
 
     t0 = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=str(start.path) if start else None)
@@ -166,12 +187,14 @@ def run(config: Config, resume: bool = False) -> Path:
 
     # the final reward model: LoRA merged into the base so `RewardModel.load` needs no peft
     final = trainer.model
-    if cfg.lora:
+    if cfg.method == "lora":
         final = final.merge_and_unload()
     final = final.to(torch.float32).eval()
     scorer = RewardModel(final, tok, str(next(final.parameters()).device))
-    acc_train = scorer.pairwise_accuracy(train_pairs)
-    acc_held = scorer.pairwise_accuracy(held_pairs) if held_pairs else None  # None, not NaN: hearth.json stays JSON
+    acc_train = scorer.pairwise_accuracy(train_pairs, label="rm: scoring the training pairs")
+    acc_held = None  # None, not NaN: hearth.json stays JSON
+    if held_pairs:
+        acc_held = scorer.pairwise_accuracy(held_pairs, label="rm: scoring the held-out pairs")
     say(f"pairwise accuracy: train {acc_train:.3f}" + (f", held-out {acc_held:.3f}" if held_pairs else ""))
 
     records = log.read()
@@ -186,7 +209,7 @@ def run(config: Config, resume: bool = False) -> Path:
 
     params = {k: v for k, v in config_to_dict(cfg).items() if k != "output_dir"}
     params["precision"] = precision
-    manifest = stage_manifest("rm", "reward-model-lora" if cfg.lora else "reward-model", base, params,
+    manifest = stage_manifest("rm", "reward-model-lora" if cfg.method == "lora" else "reward-model", base, params,
                               data_files=[cfg.data], metrics=metrics)
 
     publish_model(run_dir, final, tok, manifest)

@@ -21,12 +21,13 @@ import asyncio
 import json
 import random
 import re
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from .common import TrainingConfigError, TrainingDataError, atomic_write_text
+from .common import TrainingConfigError, TrainingDataError, atomic_write_text, bundled, progress
 from .data import read_jsonl_objects
 from .eval_openai import TeacherError, async_client, chat
 
@@ -265,6 +266,7 @@ class SelfInstructConfig:
     """Seeds the choice of in-context examples (and is passed on to the teacher's sampler)."""
 
     def __post_init__(self) -> None:
+        self.seeds = bundled(self.seeds)
         if self.n < 1:
             raise TrainingConfigError(f"n must be >= 1; got {self.n}")
         if self.max_requests is None:
@@ -363,46 +365,49 @@ async def _run(cfg: SelfInstructConfig, seeds: list[Task], generated: list[Task]
                     shown += rng.sample(generated, min(cfg.generated_examples, len(generated)))
                 rng.shuffle(shown)
                 prompts.append(build_prompt(shown, cfg.tasks_per_request))
-            calls = [chat(client, cfg.model, [{"role": "user", "content": p}], max_tokens=cfg.max_tokens,
-                          temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed + res.requests + i)
+            calls = [asyncio.ensure_future(chat(client, cfg.model, [{"role": "user", "content": p}],
+                                                max_tokens=cfg.max_tokens, temperature=cfg.temperature,
+                                                top_p=cfg.top_p, seed=cfg.seed + res.requests + i))
                      for i, p in enumerate(prompts)]
-            replies = await asyncio.gather(*calls, return_exceptions=True)
-            res.requests += k
-            errors = [r for r in replies if isinstance(r, BaseException)]
-            for e in errors:
-                if not isinstance(e, TeacherError):
-                    raise e
-            res.failed_requests += len(errors)
-            if len(errors) == k:  # a dead teacher should stop the run, not burn the budget
-                raise errors[0]
+            errors: list[BaseException] = []
             kept: list[Task] = []
-            for reply in replies:
-                if isinstance(reply, BaseException):
-                    continue
-                for task in parse_tasks(reply):
-                    if res.total + len(kept) >= cfg.n:
-                        break
-                    res.parsed += 1
-                    why = reject_reason(task, pool, cfg, banned)
-                    if why:
-                        res.rejected[why] = res.rejected.get(why, 0) + 1
+            try:
+                for call in calls:  # in request order (the result does not depend on timing), each reply at once
+                    try:
+                        reply = await call
+                    except TeacherError as e:
+                        errors.append(e)
+                        res.failed_requests += 1
                         continue
-                    kept.append(task)
-                    pool.add(task.instruction)
+                    finally:
+                        res.requests += 1
+                    for task in parse_tasks(reply):
+                        if res.total + len(kept) >= cfg.n:
+                            break
+                        res.parsed += 1
+                        why = reject_reason(task, pool, cfg, banned)
+                        if why:
+                            res.rejected[why] = res.rejected.get(why, 0) + 1
+                            continue
+                        kept.append(task)
+                        pool.add(task.instruction)
+                        bar.update(1)  # one generated task kept
+                    bar.set_postfix(requests=res.requests, rejected=sum(res.rejected.values()), refresh=True)
+            finally:
+                for call in calls:
+                    call.cancel()
             if kept:
                 _append(out, kept)
                 generated.extend(kept)
                 res.written += len(kept)
-                bar.update(len(kept))
-            bar.set_postfix(requests=res.requests, rejected=sum(res.rejected.values()))
+            if len(errors) == k:  # a dead teacher should stop the run, not burn the budget
+                raise errors[0]
     finally:
         await client.close()
 
 
 def self_instruct(cfg: SelfInstructConfig) -> SelfInstructResult:
     """Generate until the output holds cfg.n tasks or cfg.max_requests requests were made."""
-    from tqdm import tqdm
-
     seeds = read_tasks(cfg.seeds or BUNDLED_SEEDS)
     out = Path(cfg.output)
     existing = read_tasks(out, allow_empty=True) if out.exists() else []
@@ -413,7 +418,10 @@ def self_instruct(cfg: SelfInstructConfig) -> SelfInstructResult:
                              parsed=0, rejected={})
     t0 = time.perf_counter()
     if res.total < cfg.n:
-        with tqdm(total=cfg.n, initial=len(existing), desc="self-instruct", unit="task", disable=None) as bar:
+        print(f"self-instruct: asking {cfg.model} at {cfg.teacher} for {cfg.n - res.total} new tasks "
+              f"({len(existing)} already in {out}), {cfg.batch_size} requests at a time; the bar counts kept tasks",
+              file=sys.stderr, flush=True)
+        with progress(cfg.n, "self-instruct", unit="task", initial=len(existing)) as bar:
             asyncio.run(_run(cfg, seeds, list(existing), pool, out, res, bar))
     res.seconds = time.perf_counter() - t0
     return res

@@ -31,9 +31,9 @@ from typing import Any, Literal
 from hearth.runtime.chat_template import DEFAULT_CHATML_TEMPLATE
 from hearth.runtime.registry import DEFAULT_MODEL, resolve_model
 
-from .common import (MetricsLog, RunDir, TrainingConfigError, config_to_dict, peak_memory_mb, pick_precision,
-                     bundled_path, reset_peak_rss, training_peak_mb,
-                     plot_metrics, publish, say, stage_manifest)
+from .common import (MetricsLog, RunDir, TrainingConfigError, bundled, config_to_dict, gptqmodel_only_if_needed,
+                     peak_memory_mb, pick_precision, plot_metrics, progress, publish, reset_peak_rss, say,
+                     StepClock, stage_manifest, training_peak_mb, warmup_count)
 from .data import ChatCollator, epoch_order, load_chat_files, render_chats, split_eval
 
 # every linear projection of a LLaMA-family decoder block (attention and MLP)
@@ -55,19 +55,19 @@ class Config:
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.05
-    target_modules: list[str] = field(default_factory=lambda: list(LLAMA_PROJECTIONS))
+    lora_target_modules: list[str] = field(default_factory=lambda: list(LLAMA_PROJECTIONS))
     """Module names LoRA adapts; the default is every linear projection of a LLaMA-family block."""
     learning_rate: float = 2e-4
     epochs: int = 1
     max_steps: int | None = None
     """Optimizer steps; overrides `epochs` when set."""
     batch_size: int = 4
-    grad_accum: int = 1
-    """Micro-batches per optimizer step (effective batch = batch_size * grad_accum)."""
+    gradient_accumulation_steps: int = 1
+    """Micro-batches per optimizer step (effective batch = batch_size * gradient_accumulation_steps)."""
     max_length: int = 512
     """Tokens per example; longer conversations are cut at the end."""
-    warmup: float = 0.03
-    """Linear warmup: a fraction of the total steps when < 1, else a number of steps."""
+    warmup_steps: float = 0.03
+    """Linear warmup: below 1 a fraction of the total steps, else a number of steps."""
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     seed: int = 0
@@ -76,7 +76,7 @@ class Config:
     """auto: bf16 on GPUs that have it, fp16 on older GPUs, fp32 on CPU."""
     device: str = "auto"
     save_every: int = 50
-    """Write a resumable checkpoint every this many steps."""
+    """Write a resumable checkpoint every this many steps; the last step is always checkpointed."""
     keep_checkpoints: int = 2
     eval_fraction: float = 0.0
     """Fraction of the examples held out for eval_loss (0: no eval split)."""
@@ -91,7 +91,9 @@ class Config:
     def __post_init__(self) -> None:
         if not self.data:
             raise ValueError("data: give at least one data file")
-        for name in ("lora_r", "lora_alpha", "epochs", "batch_size", "grad_accum", "max_length", "save_every",
+        self.data = [bundled(p) for p in self.data]
+        for name in ("lora_r", "lora_alpha", "epochs", "batch_size", "gradient_accumulation_steps", "max_length",
+                     "save_every",
                      "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
@@ -105,10 +107,10 @@ class Config:
             raise ValueError(f"eval_fraction must be in [0, 1); got {self.eval_fraction}")
         if self.learning_rate <= 0:
             raise ValueError(f"learning_rate must be > 0; got {self.learning_rate}")
-        if self.warmup < 0 or self.weight_decay < 0 or self.max_grad_norm < 0:
-            raise ValueError("warmup, weight_decay and max_grad_norm must be >= 0")
-        if self.method != "full" and not self.target_modules:
-            raise ValueError("target_modules: LoRA needs at least one module name")
+        if self.warmup_steps < 0 or self.weight_decay < 0 or self.max_grad_norm < 0:
+            raise ValueError("warmup_steps, weight_decay and max_grad_norm must be >= 0")
+        if self.method != "full" and not self.lora_target_modules:
+            raise ValueError("lora_target_modules: LoRA needs at least one module name")
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -157,16 +159,16 @@ def _load_model(cfg: Config, base: Path, device: str, precision: str):
     elif cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=list(cfg.target_modules), bias="none", task_type="CAUSAL_LM")
+                      target_modules=list(cfg.lora_target_modules), bias="none", task_type="CAUSAL_LM")
     try:
         return get_peft_model(model, lora)
     except ValueError as e:  # peft: none of the target modules exist in this model
-        raise TrainingConfigError(f"target_modules {cfg.target_modules}: {e}") from None
+        raise TrainingConfigError(f"lora_target_modules {cfg.lora_target_modules}: {e}") from None
 
 
 def _lr_at(step: int, total: int, cfg: Config) -> float:
     """Linear warmup, then cosine decay to a tenth of the peak."""
-    warm = int(cfg.warmup * total) if cfg.warmup < 1 else int(cfg.warmup)
+    warm = warmup_count(cfg.warmup_steps, total)
     if step < warm:
         return cfg.learning_rate * (step + 1) / warm
     progress = (step - warm) / max(1, total - warm)
@@ -227,7 +229,7 @@ def _load_checkpoint(path: Path, model, opt, scaler) -> None:
     params = _trainable(model)
     if set(saved) != set(params):
         missing, extra = sorted(set(params) - set(saved))[:3], sorted(set(saved) - set(params))[:3]
-        raise TrainingConfigError(f"checkpoint {path} does not fit this config (method or target_modules "
+        raise TrainingConfigError(f"checkpoint {path} does not fit this config (method or lora_target_modules "
                                   f"changed?): missing {missing}, unexpected {extra}")
     with torch.no_grad():
         for n, p in params.items():
@@ -241,7 +243,7 @@ def _load_checkpoint(path: Path, model, opt, scaler) -> None:
 # ----------------------------------------------------------------------------- publishing
 
 
-def _merged_model(base: Path, adapter_dir: Path, qlora: bool):
+def merge_adapter(base: Path, adapter_dir: Path, qlora: bool):
     """Base + adapter folded into plain weights, in the base's dtype on CPU. For QLoRA each quantized
     linear is first rounded through NF4 exactly as training saw it, so the merge computes what was trained."""
     import torch
@@ -278,7 +280,8 @@ def _publish(cfg: Config, run: RunDir, base: Path, tokenizer, data_files: list[P
             save_adapter(tmp / "adapter")
             if cfg.merge:
                 say("merging the adapter into the base weights")
-                _merged_model(base, tmp / "adapter", cfg.method == "qlora").save_pretrained(tmp, safe_serialization=True)
+                merged = merge_adapter(base, tmp / "adapter", cfg.method == "qlora")
+                merged.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
 
     params = config_to_dict(cfg)
@@ -297,13 +300,17 @@ def _report(metrics: dict[str, Any]) -> None:
 
 def run(config: Config, resume: bool = False) -> Path:
     """Fine-tune `config.model` on `config.data`; returns the output checkpoint directory."""
+    with gptqmodel_only_if_needed(config.model):
+        return _run(config, resume)
+
+
+def _run(config: Config, resume: bool) -> Path:
     import torch
-    from tqdm import tqdm
     from transformers import AutoTokenizer
 
     cfg = config
     base = resolve_model(cfg.model, prefer="hf")
-    data_files = [bundled_path(p) for p in cfg.data]
+    data_files = [Path(p) for p in cfg.data]
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if cfg.deepspeed and not device.startswith("cuda"):
         raise TrainingConfigError(f"deepspeed: {cfg.deepspeed} needs CUDA GPUs and none is available; "
@@ -324,8 +331,8 @@ def run(config: Config, resume: bool = False) -> Path:
     train_idx, eval_idx = split_eval(len(rows), cfg.eval_fraction, cfg.seed)
     train_rows, eval_rows = [rows[i] for i in train_idx], [rows[i] for i in eval_idx]
     micro_per_epoch = math.ceil(len(train_rows) / cfg.batch_size)
-    total = cfg.max_steps or math.ceil(cfg.epochs * micro_per_epoch / cfg.grad_accum)
-    say(f"{cfg.method} fine-tuning of {base.name} on {len(train_rows)} examples ({len(eval_rows)} held out), "
+    total = cfg.max_steps or math.ceil(cfg.epochs * micro_per_epoch / cfg.gradient_accumulation_steps)
+    say(f"{cfg.method} fine-tuning of {cfg.model} on {len(train_rows)} examples ({len(eval_rows)} held out), "
         f"{total} steps, {precision} on {device}")
 
     run_dir = RunDir(cfg.output_dir, keep=cfg.keep_checkpoints)
@@ -374,10 +381,12 @@ def run(config: Config, resume: bool = False) -> Path:
 
     tokens, t0, eval_loss = 0, time.perf_counter(), None
     loss_value = float(start.state.get("loss", "nan")) if start is not None else float("nan")
-    bar = tqdm(total=total, initial=step, desc=f"sft-{cfg.method}", unit="step", dynamic_ncols=True)
+    bar = progress(total, f"sft-{cfg.method}", unit="step", initial=step)
     while step < total:
+        clock = StepClock()
         torch.manual_seed(cfg.seed * 1_000_003 + step)  # dropout masks depend on the step: resume repeats them
-        batches = [micro_batch(step * cfg.grad_accum + k) for k in range(cfg.grad_accum)]
+        batches = [micro_batch(step * cfg.gradient_accumulation_steps + k)
+                   for k in range(cfg.gradient_accumulation_steps)]
         n_labels = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
         lr = _lr_at(step, total, cfg)
         for g in opt.param_groups:
@@ -402,14 +411,14 @@ def run(config: Config, resume: bool = False) -> Path:
         opt.zero_grad(set_to_none=True)
         step += 1
         loss_value = loss_sum
-        record: dict[str, Any] = {"step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm}
+        record: dict[str, Any] = {"step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm, **clock.read()}
         if eval_rows and (step % eval_every == 0 or step == total):
             eval_loss = _evaluate(model, eval_rows, collate, cfg, device, autocast)
             record["eval_loss"] = eval_loss
         log.log(**record)
         bar.update(1)
         bar.set_postfix(loss=f"{loss_value:.4f}")
-        if step % cfg.save_every == 0 and step < total:
+        if step % cfg.save_every == 0 or step == total:  # the last step too: --resume max_steps=N continues it
             _save_checkpoint(run_dir, step, model, opt, scaler, {"loss": loss_value, "total_steps": total})
     bar.close()
     elapsed = time.perf_counter() - t0
@@ -456,10 +465,10 @@ def _run_deepspeed(cfg: Config, run_dir: RunDir, base: Path, tokenizer, train_ro
     torch.manual_seed(cfg.seed)
     model = _load_model(cfg, base, device if cfg.method == "qlora" else "cpu", precision)
     trainer_dir = run_dir.checkpoints / "trainer"  # under checkpoints/, which publish leaves alone
-    warm = int(cfg.warmup * total) if cfg.warmup < 1 else int(cfg.warmup)
+    warm = warmup_count(cfg.warmup_steps, total)
     args = TrainingArguments(
         output_dir=str(trainer_dir), per_device_train_batch_size=cfg.batch_size,
-        per_device_eval_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
+        per_device_eval_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         learning_rate=cfg.learning_rate, max_steps=total, warmup_steps=warm, weight_decay=cfg.weight_decay,
         max_grad_norm=cfg.max_grad_norm, lr_scheduler_type="cosine", seed=cfg.seed, data_seed=cfg.seed,
         bf16=precision == "bf16", fp16=precision == "fp16",
@@ -493,7 +502,7 @@ def _run_deepspeed(cfg: Config, run_dir: RunDir, base: Path, tokenizer, train_ro
         return run_dir.out
     plot_metrics(run_dir.metrics, run_dir.plot, keys=("loss", "eval_loss"), title=f"sft-{cfg.method}")
     # examples seen x mean example length (Trainer does not count tokens itself)
-    seen = (total - (saved[-1][0] if resume_from else 0)) * cfg.batch_size * cfg.grad_accum * \
+    seen = (total - (saved[-1][0] if resume_from else 0)) * cfg.batch_size * cfg.gradient_accumulation_steps * \
         int(os.environ.get("WORLD_SIZE", 1))
     n_tokens = seen * sum(len(x) for x, _ in train_rows) / len(train_rows)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]

@@ -22,14 +22,15 @@ intermediate state: `--resume` simply runs it again, with the same result.
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from hearth.training.common import (TMP_MARK, MetricsLog, RunDir, TrainingConfigError, config_to_dict, find_file,
-                                    peak_memory_mb, publish, say, stage_manifest)
+from hearth.training.common import (MetricsLog, RunDir, TrainingConfigError, bundled, config_to_dict, find_file,
+                                    make_temp, peak_memory_mb, publish, say, stage_manifest)
 from hearth.training.data import load_texts
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -74,6 +75,8 @@ class Config:
     def __post_init__(self) -> None:
         if not self.data:
             raise ValueError("data: give at least one corpus file")
+        self.data = [bundled(p) for p in self.data]
+        self.compare = {label: bundled(p) for label, p in self.compare.items()}
         if self.mode == "extend" and not self.model:
             raise ValueError("model: extend mode needs the checkpoint whose tokenizer it extends")
         if self.vocab_size < 300:
@@ -327,8 +330,7 @@ def run(config: Config, resume: bool = False) -> Path:
             raise TrainingConfigError(f"data: the domain text taught no token that {parent} lacks; "
                                       "give more or different text, or raise new_tokens")
         say(f"domain BPE learned {ext.learned} merges; {len(ext.added)} new tokens from id {ext.first_id}")
-        staging = run_dir.out / f".tokenizer{TMP_MARK}staging"  # RunDir clears it if a run dies
-        staging.mkdir(exist_ok=True)
+        staging = make_temp(run_dir.out / "tokenizer", is_dir=True)  # owner-named: a later run clears it if we die
         before.save_pretrained(staging)  # config, special tokens, chat template as the parent had them
         (staging / "tokenizer.json").write_text(json.dumps(ext.tokenizer_json, ensure_ascii=False), encoding="utf-8")
         after = AutoTokenizer.from_pretrained(staging, local_files_only=True)
@@ -354,8 +356,10 @@ def run(config: Config, resume: bool = False) -> Path:
     MetricsLog(run_dir.metrics).log(step=0, **{f"chars_per_token_after/{k}": r["chars_per_token_after"]
                                               for k, r in table.items()})
     manifest = stage_manifest("base", method, manifest_parent, params, data_files=files, metrics=metrics)
-    publish(run_dir.out, fill, manifest)
-    if cfg.mode == "extend":
-        staging.rmdir()
+    try:
+        publish(run_dir.out, fill, manifest)
+    finally:
+        if cfg.mode == "extend":
+            shutil.rmtree(staging, ignore_errors=True)
     say(f"wrote {run_dir.out} in {time.time() - t0:.1f}s")
     return run_dir.out

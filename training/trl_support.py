@@ -14,7 +14,8 @@ import shutil
 from pathlib import Path
 from typing import Any, Sequence
 
-from hearth.training.common import Checkpoint, MetricsLog, RunDir, TrainingConfigError, publish, say
+from hearth.training.common import (Checkpoint, MetricsLog, RunDir, StepClock, TrainingConfigError, progress,
+                                    publish, say)
 
 HF_SCRATCH = ".trainer"  # where TRL writes its checkpoint-N before we move it into checkpoints/step-N
 
@@ -32,6 +33,9 @@ def check_config(cfg: Any, at_least_one: Sequence[str]) -> None:
         raise TrainingConfigError(f"learning_rate must be > 0; got {cfg.learning_rate}")
     if cfg.keep_checkpoints < 1:
         raise TrainingConfigError(f"keep_checkpoints must be >= 1 (resume needs one); got {cfg.keep_checkpoints}")
+    if cfg.warmup_steps < 0:
+        raise TrainingConfigError(f"warmup_steps must be >= 0 (below 1: a fraction of max_steps); "
+                                  f"got {cfg.warmup_steps}")
     if cfg.device not in ("auto", "cpu", "cuda") and not cfg.device.startswith("cuda:"):
         raise TrainingConfigError(f"device must be auto, cpu or cuda[:N]; got {cfg.device!r}")
 
@@ -47,15 +51,16 @@ def resolve_device(device: str) -> str:
 
 def trainer_args(cfg: Any, run: RunDir, device: str, precision: str) -> dict[str, Any]:
     """TrainingArguments fields every stage sets the same way (the stage adds its own, e.g. batch size):
-    TRL writes into HF_SCRATCH, saves every `save_steps` with no pruning of its own (RunDir prunes), no eval."""
+    TRL writes into HF_SCRATCH, saves every `save_every` steps and at the last one, with no pruning of its own
+    (RunDir prunes), no eval, no progress output of its own (checkpoint_bridge shows it)."""
     return dict(
         output_dir=str(run.out / HF_SCRATCH), max_steps=cfg.max_steps,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps, learning_rate=cfg.learning_rate,
         warmup_steps=cfg.warmup_steps, weight_decay=cfg.weight_decay,
         activation_checkpointing=cfg.gradient_checkpointing, bf16=precision == "bf16", fp16=precision == "fp16",
         use_cpu=device == "cpu", seed=cfg.seed, data_seed=cfg.seed, logging_steps=cfg.logging_steps,
-        save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=None, eval_strategy="no",
-        report_to="none", disable_tqdm=False, dataloader_num_workers=0)
+        save_strategy="steps", save_steps=cfg.save_every, save_total_limit=None, eval_strategy="no",
+        report_to="none", disable_tqdm=True, dataloader_num_workers=0)  # the bridge shows hearth's progress
 
 
 # ----------------------------------------------------------------------------- data and models
@@ -130,27 +135,71 @@ def prepare_run(output_dir: str, keep_checkpoints: int, resume: bool) -> tuple[R
     return run, start, MetricsLog(run.metrics, resume_step=start.step if start else None)
 
 
-def checkpoint_bridge(run: RunDir, log: MetricsLog, state: dict[str, Any]):
-    """A TrainerCallback that logs each record to metrics.jsonl and moves each checkpoint TRL wrote into
+def checkpoint_bridge(run: RunDir, log: MetricsLog, state: dict[str, Any], label: str,
+                      show: dict[str, str] | None = None):
+    """A TrainerCallback that gives a TRL stage hearth's progress and metrics: one labelled bar (`label`,
+    steps done of max_steps, s/step, ETA, the `show` metrics renamed {TRL key: short name}) instead of TRL's
+    bars and printed dicts; each record into metrics.jsonl; each checkpoint TRL wrote moved into
     checkpoints/step-N atomically (TRL's own folder is written file by file; a kill could leave half of one).
+    Attach it with `attach(trainer, bridge)`.
 
     `.tokens` is the trainer's last logged "num_tokens"; `.start_tokens` the state's input-token count when
-    training began (RLOO restores its count on resume, so ppo subtracts it). Set `.quiet` to stop logging,
-    e.g. for closing evaluations whose results go into one summary record instead."""
+    training began (RLOO restores its count on resume, so ppo subtracts it). `evaluating(text)` labels a
+    closing evaluation: its batches get their own bar, and its records go into the stage's summary instead."""
     from transformers import TrainerCallback
+
+    show = dict(show or {"loss": "loss"})
 
     class Bridge(TrainerCallback):
         tokens = 0
         start_tokens: int | None = None
         quiet = False
+        bar = None
+        eval_label: str | None = None
+        clock: StepClock | None = None
+        step_time: dict[str, float] = {}
 
         def on_train_begin(self, args, st, control, **kw):
             self.start_tokens = st.num_input_tokens_seen
+            self.bar = progress(st.max_steps, label, unit="step", initial=st.global_step)
+
+        def on_step_begin(self, args, st, control, **kw):
+            self.clock = StepClock()
+
+        def on_step_end(self, args, st, control, **kw):
+            self.step_time = self.clock.read() if self.clock is not None else {}
+            if self.bar is not None:
+                self.bar.update(st.global_step - self.bar.n)
 
         def on_log(self, args, st, control, logs=None, **kw):
             if logs and not self.quiet:
-                log.log(step=st.global_step, **{k: v for k, v in logs.items() if isinstance(v, (int, float))})
+                timing = self.step_time if "loss" in logs or "reward" in logs else {}  # a training step's record
+                log.log(step=st.global_step, **{k: v for k, v in logs.items() if isinstance(v, (int, float))},
+                        **timing)
                 self.tokens = int(logs.get("num_tokens", self.tokens))
+                shown = {short: f"{logs[k]:.4g}" for k, short in show.items()
+                         if isinstance(logs.get(k), (int, float))}
+                if self.bar is not None and shown:
+                    self.bar.set_postfix(shown, refresh=False)
+
+        def on_train_end(self, args, st, control, **kw):
+            if self.bar is not None:
+                self.bar.close()
+                self.bar = None
+
+        def evaluating(self, text: str) -> None:
+            """The next evaluate() call is the closing evaluation `text`: its own labelled bar, no metrics lines."""
+            self.quiet, self.eval_label = True, text
+
+        def on_prediction_step(self, args, st, control, eval_dataloader=None, **kw):
+            if self.bar is None and self.eval_label is not None:
+                total = len(eval_dataloader) if eval_dataloader is not None else None
+                self.bar = progress(total, f"{label}: {self.eval_label}", unit="batch")
+            if self.bar is not None:
+                self.bar.update(1)
+
+        def on_evaluate(self, args, st, control, **kw):
+            self.on_train_end(args, st, control)
 
         def on_save(self, args, st, control, **kw):
             src = Path(args.output_dir) / f"checkpoint-{st.global_step}"
@@ -163,6 +212,16 @@ def checkpoint_bridge(run: RunDir, log: MetricsLog, state: dict[str, Any]):
             shutil.rmtree(src, ignore_errors=True)
 
     return Bridge()
+
+
+def attach(trainer, bridge) -> None:
+    """Make `bridge` the trainer's only progress output: TRL's own bars and printed log dicts go."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    if bridge not in trainer.callback_handler.callbacks:
+        trainer.add_callback(bridge)
 
 
 def publish_model(run: RunDir, model, tokenizer, manifest, adapter_dir: Path | None = None) -> None:

@@ -46,7 +46,7 @@ def test_sft_lora_then_merge_then_dpo_then_serve(tmp_path):
     _run([str(BIN / "quantize"), "merge", "--base", "smollm2-135m-instruct", "--adapter", str(sft / "adapter"),
           "-o", str(merged)])
     _run([str(BIN / "hearth"), "train", "dpo", "--config", "training/recipes/dpo.yaml", f"model={merged}",
-          f"output_dir={dpo}", "save_steps=100", *small])
+          f"output_dir={dpo}", "save_every=100", *small])
 
     m_merged, m_dpo = read_manifest(merged), read_manifest(dpo)
     assert m_dpo.stage == "rlhf" and m_dpo.method == "dpo"

@@ -52,8 +52,8 @@ def _greedy(path: Path, prompt: str, n: int = 6) -> list[int]:
 @pytest.fixture(scope="module")
 def trained(tiny_llama, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("dpo") / "out"
-    cfg = dpo.Config(output_dir=str(out), model=str(tiny_llama), lora=False, max_steps=20, batch_size=4,
-                     learning_rate=1e-3, save_steps=10, eval_fraction=0.2)
+    cfg = dpo.Config(output_dir=str(out), model=str(tiny_llama), method="full", max_steps=20, batch_size=4,
+                     learning_rate=1e-3, save_every=10, eval_fraction=0.2)
     dpo.run(cfg)
     return out
 
@@ -85,8 +85,8 @@ def test_the_policy_changes_loads_in_the_runtime_and_names_its_parent(trained, t
 
 def test_lora_dpo_merges_the_adapter_and_keeps_it(tiny_llama, tmp_path):
     out = tmp_path / "lora"
-    dpo.run(dpo.Config(output_dir=str(out), model=str(tiny_llama), lora=True, max_steps=6, batch_size=4,
-                       learning_rate=1e-2, save_steps=6))
+    dpo.run(dpo.Config(output_dir=str(out), model=str(tiny_llama), method="lora", max_steps=6, batch_size=4,
+                       learning_rate=1e-2, save_every=6))
     assert (out / "adapter" / "adapter_config.json").is_file() and not (out / "adapter_config.json").exists()
     margins = [r["rewards/margins"] for r in _records(out) if "rewards/margins" in r]
     assert margins[-1] > margins[0]
@@ -104,7 +104,7 @@ def test_bad_preference_data_names_the_file_line_and_field(tiny_llama, tmp_path)
 
 def test_the_recipe_loads_and_bad_values_name_the_field():
     cfg = load_config(dpo.Config, RECIPES / "dpo.yaml")
-    assert cfg.lora and cfg.beta == 0.1
+    assert cfg.method == "lora" and cfg.beta == 0.1
     with pytest.raises(TrainingConfigError, match="beta"):
         load_config(dpo.Config, RECIPES / "dpo.yaml", overrides={"beta": 0})
 
@@ -113,7 +113,7 @@ def test_a_killed_run_resumes_to_the_same_losses(tiny_llama, tmp_path):
     recipe = tmp_path / "dpo.yaml"
     out = tmp_path / "killed"
     recipe.write_text(f"model: {tiny_llama}\noutput_dir: {out}\nlora: false\nmax_steps: 16\nbatch_size: 4\n"
-                      f"learning_rate: 1.0e-3\nsave_steps: 3\neval_fraction: 0.0\n")
+                      f"learning_rate: 1.0e-3\nsave_every: 3\neval_fraction: 0.0\n")
     cli = [sys.executable, "-c", "from hearth.clients.cli import main; raise SystemExit(main())",
            "train", "dpo", "--config", str(recipe)]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
@@ -152,7 +152,7 @@ def test_a_few_lora_dpo_steps_on_the_default_model_from_the_recipe(tmp_path):
     data.write_text("".join(dpo.BUNDLED_PREFERENCES.read_text(encoding="utf-8").splitlines(True)[:8]),
                     encoding="utf-8")
     cfg = load_config(dpo.Config, RECIPES / "dpo.yaml",
-                      overrides={"max_steps": 3, "batch_size": 2, "save_steps": 3, "eval_fraction": 0.25,
+                      overrides={"max_steps": 3, "batch_size": 2, "save_every": 3, "eval_fraction": 0.25,
                                  "data": str(data), "output_dir": str(tmp_path / "dpo")})
     out = dpo.run(cfg)
     m = read_manifest(out)

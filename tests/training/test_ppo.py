@@ -37,9 +37,9 @@ def _mean(xs: list[float]) -> float:
 @pytest.fixture(scope="module")
 def trained(tiny_llama, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ppo") / "out"
-    ppo.run(ppo.Config(output_dir=str(out), model=str(tiny_llama), reward_function=REWARD, lora=False,
+    ppo.run(ppo.Config(output_dir=str(out), model=str(tiny_llama), reward_function=REWARD, method="full",
                        max_steps=40, learning_rate=1e-2, max_completion_length=16, num_generations=4,
-                       prompts_per_step=2, beta=0.05, save_steps=20))
+                       prompts_per_step=2, beta=0.05, save_every=20))
     return out
 
 
@@ -73,11 +73,11 @@ def test_the_policy_loads_in_the_runtime_and_names_its_parent(trained, tiny_llam
 
 
 def test_a_reward_model_checkpoint_drives_it_and_is_pinned(tiny_llama, tmp_path):
-    rm_dir = rm.run(rm.Config(output_dir=str(tmp_path / "rm"), model=str(tiny_llama), lora=False, max_steps=4,
-                              batch_size=4, learning_rate=1e-3, save_steps=4, eval_fraction=0.0))
+    rm_dir = rm.run(rm.Config(output_dir=str(tmp_path / "rm"), model=str(tiny_llama), method="full", max_steps=4,
+                              batch_size=4, learning_rate=1e-3, save_every=4, eval_fraction=0.0))
     out = tmp_path / "ppo"
-    ppo.run(ppo.Config(output_dir=str(out), model=str(tiny_llama), reward_model=str(rm_dir), lora=True,
-                       max_steps=4, learning_rate=1e-3, max_completion_length=8, save_steps=4))
+    ppo.run(ppo.Config(output_dir=str(out), model=str(tiny_llama), reward_model=str(rm_dir), method="lora",
+                       max_steps=4, learning_rate=1e-3, max_completion_length=8, save_every=4))
     m = read_manifest(out)
     assert m.parameters["reward_model"] == {"path": str(rm_dir), "content_hash": content_hash(rm_dir)}
     assert (out / "adapter" / "adapter_config.json").is_file() and (out / "model.safetensors").is_file()
@@ -89,8 +89,8 @@ def test_a_reward_model_checkpoint_drives_it_and_is_pinned(tiny_llama, tmp_path)
 
 def test_resume_replays_the_same_samples_and_rewards(tiny_llama, tmp_path):
     out = tmp_path / "resume"
-    cfg = ppo.Config(output_dir=str(out), model=str(tiny_llama), reward_function=REWARD, lora=False, max_steps=8,
-                     learning_rate=1e-2, max_completion_length=12, save_steps=4, keep_checkpoints=3)
+    cfg = ppo.Config(output_dir=str(out), model=str(tiny_llama), reward_function=REWARD, method="full", max_steps=8,
+                     learning_rate=1e-2, max_completion_length=12, save_every=4, keep_checkpoints=3)
     ppo.run(cfg)
     first = [(r["step"], r["reward"], r["kl"]) for r in _records(out) if "reward" in r]
     shutil.rmtree(out / "checkpoints" / "step-8")  # as if killed after step 4's checkpoint
@@ -130,4 +130,4 @@ def test_an_unimportable_reward_function_is_named(tiny_llama, tmp_path):
 
 def test_the_recipe_loads():
     cfg = load_config(ppo.Config, RECIPES / "ppo.yaml")
-    assert cfg.reward_model == "runs/rm" and cfg.beta > 0 and cfg.lora
+    assert cfg.reward_model == "runs/rm" and cfg.beta > 0 and cfg.method == "lora"

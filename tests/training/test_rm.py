@@ -27,8 +27,8 @@ def _weights(path: Path) -> dict:
 @pytest.fixture(scope="module")
 def trained(tiny_llama, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("rm") / "out"
-    cfg = rm.Config(output_dir=str(out), model=str(tiny_llama), lora=False, max_steps=40, batch_size=8,
-                    learning_rate=1e-3, save_steps=20, eval_fraction=0.2)
+    cfg = rm.Config(output_dir=str(out), model=str(tiny_llama), method="full", max_steps=40, batch_size=8,
+                    learning_rate=1e-3, save_every=20, eval_fraction=0.2)
     assert rm.run(cfg) == out.resolve()
     return out
 
@@ -63,8 +63,8 @@ def test_training_changes_the_weights_and_the_manifest_names_the_parent(trained,
 
 def test_a_lora_reward_model_is_saved_merged_and_resumes_exactly(tiny_llama, tmp_path):
     out = tmp_path / "rm-lora"
-    cfg = rm.Config(output_dir=str(out), model=str(tiny_llama), lora=True, max_steps=6, batch_size=4,
-                    learning_rate=1e-3, save_steps=3, keep_checkpoints=3)
+    cfg = rm.Config(output_dir=str(out), model=str(tiny_llama), method="lora", max_steps=6, batch_size=4,
+                    learning_rate=1e-3, save_every=3, keep_checkpoints=3)
     rm.run(cfg)
     first = [(r["step"], r["loss"]) for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
              if "loss" in r]
@@ -92,6 +92,6 @@ def test_bad_preference_data_names_the_file_line_and_field(tiny_llama, tmp_path)
 
 def test_the_recipe_loads_and_bad_values_name_the_field():
     cfg = load_config(rm.Config, RECIPES / "rm.yaml")
-    assert cfg.lora and cfg.model == "smollm2-135m-instruct"
+    assert cfg.method == "lora" and cfg.model == "smollm2-135m-instruct"
     with pytest.raises(TrainingConfigError, match="eval_fraction"):
         load_config(rm.Config, RECIPES / "rm.yaml", overrides={"eval_fraction": 1.5})

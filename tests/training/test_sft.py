@@ -49,7 +49,7 @@ def qa_data(tmp_path_factory) -> Path:
 
 def _cfg(model: Path, data: Path, out: Path, **kw) -> Config:
     base = dict(model=str(model), data=[str(data)], output_dir=str(out), method="full", learning_rate=3e-3,
-                max_steps=40, batch_size=4, max_length=64, warmup=0.1, save_every=20, lora_dropout=0.0)
+                max_steps=40, batch_size=4, max_length=64, warmup_steps=0.1, save_every=20, lora_dropout=0.0)
     base.update(kw)
     return Config(**base)
 
@@ -187,8 +187,8 @@ def test_qlora_trains_on_an_nf4_base_and_merges_what_it_trained(tiny_llama, qa_d
 def _recipe(tmp_path: Path, model: Path, data: Path, out: Path) -> Path:
     p = tmp_path / "recipe.yaml"
     p.write_text(f"model: {model}\ndata: [{data}]\noutput_dir: {out}\nmethod: lora\nlora_r: 8\nlora_alpha: 16\n"
-                 "lora_dropout: 0.1\nlearning_rate: 5e-3\nmax_steps: 100\nbatch_size: 2\ngrad_accum: 2\n"
-                 "max_length: 64\nwarmup: 5\nsave_every: 4\nseed: 3\n")
+                 "lora_dropout: 0.1\nlearning_rate: 5e-3\nmax_steps: 100\nbatch_size: 2\ngradient_accumulation_steps: 2\n"
+                 "max_length: 64\nwarmup_steps: 5\nsave_every: 4\nseed: 3\n")
     return p
 
 
@@ -222,7 +222,7 @@ def test_a_fresh_run_does_not_resume_from_old_checkpoints(tiny_llama, qa_data, t
     run(_cfg(tiny_llama, qa_data, out, max_steps=8, save_every=2, keep_checkpoints=10))
     assert (out / "checkpoints" / "step-6").is_dir()
     run(_cfg(tiny_llama, qa_data, out, max_steps=3, save_every=2, keep_checkpoints=10))
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-2"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-2", "step-3"]  # the last step too
     assert len(_losses(out)) == 3
 
 
@@ -232,7 +232,7 @@ def test_a_fresh_run_does_not_resume_from_old_checkpoints(tiny_llama, qa_data, t
 @pytest.mark.parametrize("name", ["sft_full", "sft_lora", "sft_qlora"])
 def test_recipes_load(name):
     cfg = load_config(Config, RECIPES / f"{name}.yaml")
-    assert cfg.method == name.split("_")[1] and cfg.data == ["training/data/instructions.jsonl"]
+    assert cfg.method == name.split("_")[1] and cfg.data == [str(ROOT / "training" / "data" / "instructions.jsonl")]
 
 
 @pytest.mark.parametrize("override, words", [
@@ -250,7 +250,7 @@ def test_bad_config_values_name_the_field(override, words):
 
 def test_unknown_target_modules_are_a_config_error(tiny_llama, qa_data, tmp_path):
     with pytest.raises(TrainingConfigError, match="target_modules"):
-        run(_cfg(tiny_llama, qa_data, tmp_path / "x", method="lora", target_modules=["attn_c"], max_steps=1))
+        run(_cfg(tiny_llama, qa_data, tmp_path / "x", method="lora", lora_target_modules=["attn_c"], max_steps=1))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on machines without CUDA")
@@ -273,7 +273,7 @@ def test_lora_steps_on_the_default_model_from_the_recipe(tmp_path, capsys):
 
     cfg = load_config(Config, RECIPES / "sft_lora.yaml",
                       {"output_dir": str(tmp_path / "smol"), "max_steps": 3, "save_every": 2, "batch_size": 2,
-                       "grad_accum": 1, "eval_fraction": 0.0, "max_length": 256})
+                       "gradient_accumulation_steps": 1, "eval_fraction": 0.0, "max_length": 256})
     t0 = time.perf_counter()
     out = run(cfg)
     manifest = read_manifest(out)
