@@ -113,6 +113,8 @@ async def call_model(model: ChatModel, trace: Trace, messages: list[dict[str, An
                                          timeout=max(trace.time_left(), 1e-3))
     except asyncio.TimeoutError:
         trace.count_call()
+        trace.add("error", f"the time budget ({trace.budget.time_s:g} s) ran out during model call "
+                           f"{trace.model_calls}; set max_tokens or a larger time budget")
         raise BudgetStop("time_budget") from None
     usage: dict[str, int] = {}
     for r in replies:

@@ -154,3 +154,10 @@ async def test_react_without_tools_uses_the_default_registry():
     system = model.calls[0]["messages"][0]["content"]
     assert "- calculator:" in system and "- solve_equation:" in system and "- current_datetime:" in system
     assert result.answer == "21" and model.calls[1]["messages"][-1]["content"] == "Observation: 21"
+
+
+async def test_a_strategy_cut_by_its_time_budget_says_so_in_its_steps():
+    model = ScriptedChatModel(["too late"], delay_s=5.0)
+    result = await run_strategy("cot", model, "What is 6 * 7?", budget=Budget(time_s=0.3))
+    assert result.stopped == "time_budget"
+    assert any(s.kind == "error" and "time budget" in s.content for s in result.steps)
