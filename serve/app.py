@@ -10,8 +10,13 @@ app is the ingress deployment and its clients are deployment handles.
     models_routes.py     /health, /metrics, /v1/models, /docs, /redoc, /openapi.json
     chat.py              POST /v1/chat/completions
     completions.py       POST /v1/completions
+    responses.py         POST /v1/responses, GET/DELETE /v1/responses/{id}
+    tokenize_routes.py   POST /tokenize, /detokenize
     embeddings_routes.py POST /v1/embeddings
     agents_routes.py     /v1/rag/..., POST /v1/agents/runs
+
+The edge also serves /chat/completions, /completions, /embeddings, /models and /responses without the
+/v1 prefix (as llama-server and vLLM do).
 """
 
 from __future__ import annotations
@@ -21,7 +26,8 @@ import os
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
-from . import agents_routes, chat, completions, embeddings_routes, errors, models_routes
+from . import (agents_routes, chat, completions, embeddings_routes, errors, models_routes, responses,
+               tokenize_routes)
 from .config import ServeConfig
 from .deps import AUTH, current_agents
 from .edge import Drain, Edge
@@ -56,8 +62,9 @@ def build_app(config: ServeConfig, router: Router | None = None) -> FastAPI:
     if config.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=config.cors_origins, allow_methods=["*"],
                            allow_headers=["*"])
+    state.responses = responses.ResponseStore(config.responses_store_max, config.responses_store_max_bytes)
     for r in (models_routes.public, models_routes.router, chat.router, completions.router,
-              embeddings_routes.router):
+              embeddings_routes.router, responses.router, tokenize_routes.router):
         app.include_router(r)
     agents_routes.install(app, AUTH, lambda: current_agents(app))
     app.add_middleware(Edge, state=state, metrics=state.metrics, config=config)

@@ -22,8 +22,8 @@ from hearth.runtime.prompt import PromptRequest
 from hearth.runtime.types import GuidedDecoding
 
 from . import agents_routes, limits, tool_parsers
-from .common import (DONE, Run, chat_logprobs, include_usage, new_id, prepend, route_run, sampling_params, sse,
-                     sse_response, start_runs, until_done, usage_dict)
+from .common import (DONE, Run, chat_logprobs, check_stream_options, include_usage, new_id, prepend, route_run,
+                     sampling_params, sse, sse_response, start_runs, until_done, usage_dict)
 from .deps import AUTH, chat_model, current_agents
 from .errors import from_exception, invalid
 from .model_service import ModelInfo
@@ -40,6 +40,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     t0 = time.monotonic()
     client, info = chat_model(request.app, body, "chat.completions")
     limits.check_chat(body, request.app.state.config, info.max_model_len)
+    check_stream_options(body)
     if body.reasoning is not None:
         return await agents_routes.reasoning_chat(current_agents(request.app), body, include_usage(body))
     cites = None
@@ -280,12 +281,12 @@ async def stream(run: Run, plan: ChatPlan, model: str, include_usage: bool) -> A
                 reason = "tool_calls"
             completion_tokens += o.usage.completion_tokens
             cached = max(cached, o.usage.cached_tokens)
-        if not deltas and (lp is not None or reason is not None):
+        if not deltas and lp is not None:
             deltas.append({})
         for k, d in enumerate(deltas):
-            last = k == len(deltas) - 1
-            yield chunk([{"index": i, "delta": d, "logprobs": lp if k == 0 else None,
-                          "finish_reason": reason if last else None}])
+            yield chunk([{"index": i, "delta": d, "logprobs": lp if k == 0 else None, "finish_reason": None}])
+        if reason is not None:  # as OpenAI: the finish in a chunk of its own, with an empty delta
+            yield chunk([{"index": i, "delta": {}, "logprobs": None, "finish_reason": reason}])
     if include_usage:
         yield sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
                    "system_fingerprint": "hearth", "choices": [],

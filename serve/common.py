@@ -17,7 +17,7 @@ from hearth.runtime.types import SamplingParams
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
-from .errors import APIError, from_exception, timeout
+from .errors import APIError, from_exception, invalid, timeout
 from .metrics import Metrics
 from .model_service import Chunk, ModelInfo, Started
 
@@ -198,6 +198,12 @@ def route_run(request: Request, client: Any, req: PromptRequest, *, model: str, 
 
 def include_usage(body: Any) -> bool:
     return bool(body.stream_options and body.stream_options.include_usage)
+
+
+def check_stream_options(body: Any) -> None:
+    """stream_options only with stream: true (400 otherwise, as at OpenAI)."""
+    if body.stream_options is not None and not body.stream:
+        raise invalid("The 'stream_options' parameter is only allowed when 'stream' is enabled.", "stream_options")
 
 
 async def start_runs(runs: list[Run], request: Request) -> None:

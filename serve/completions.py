@@ -17,8 +17,8 @@ from hearth.runtime.errors import HearthError
 from hearth.runtime.prompt import PromptRequest
 
 from . import limits
-from .common import (DONE, Run, include_usage, merge, new_id, route_run, sampling_params, sse, sse_response,
-                     start_runs, token_text, until_done, usage_dict)
+from .common import (DONE, Run, check_stream_options, include_usage, merge, new_id, route_run, sampling_params,
+                     sse, sse_response, start_runs, token_text, until_done, usage_dict)
 from .deps import AUTH, chat_model
 from .errors import from_exception, invalid
 from .model_service import ModelInfo, Started
@@ -34,6 +34,7 @@ async def completions(body: CompletionRequest, request: Request):
     t0 = time.monotonic()
     client, info = chat_model(request.app, body, "completions")
     limits.check_completions(body, request.app.state.config, info.max_model_len)
+    check_stream_options(body)
     try:
         reqs = plan_completions(body, info)
     except HearthError as e:
@@ -213,8 +214,10 @@ async def stream(runs: list[Run], body: CompletionRequest, model: str, rid: str,
         if o.finish_reason is not None:
             finish = "stop" if o.finish_reason == "abort" else o.finish_reason
             completion_tokens += o.usage.completion_tokens
-        if text or lp is not None or finish is not None:
-            yield chunk(i, text, lp, finish)
+        if text or lp is not None:
+            yield chunk(i, text, lp, None)
+        if finish is not None:  # as OpenAI: the finish in a chunk of its own, with no text
+            yield chunk(i, "", None, finish)
     if include_usage:
         prompt_tokens = sum(len(r.started.prompt_token_ids) for r in runs)
         yield sse({"id": rid, "object": "text_completion", "created": created, "model": model,

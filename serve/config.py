@@ -23,6 +23,9 @@
     max_messages: 2048                     # caps checked before any tokenization (400 beyond)
     max_prompt_chars: 2000000              # chat contents + tools, completions prompts, embeddings inputs
     max_embedding_inputs: 2048
+    any_model_name: false                  # true: any `model` name means the only chat model (else 404)
+    responses_store_max: 1000              # /v1/responses kept for previous_response_id (LRU, in memory)
+    responses_store_max_bytes: 67108864
     drain_timeout_s: 30                    # SIGTERM: in-flight requests get this long, then a 503
     agents:
       rag_dir: null                        # named RAG indexes ($HEARTH_HOME/rag)
@@ -246,6 +249,14 @@ class ServeConfig:
     3.4 s with the default model's tokenizer on a busy 2-core machine (off the event loop)."""
     max_embedding_inputs: int = 2048
     """The most inputs one embeddings request may hold (400 beyond), as at OpenAI."""
+    any_model_name: bool = False
+    """With one chat model served, take any `model` name for it (as llama-server does); by default an
+    unknown name gets 404."""
+    responses_store_max: int = 1000
+    """Responses kept for `previous_response_id` (/v1/responses), in this server process's memory; the
+    least recently used go first. 0 keeps none."""
+    responses_store_max_bytes: int = 64 * 2**20
+    """The most bytes (as JSON) the kept responses may take together."""
     base_dir: Path | None = None
 
     def __post_init__(self) -> None:
@@ -267,6 +278,10 @@ class ServeConfig:
         for name in ("max_body_bytes", "max_messages", "max_prompt_chars", "max_embedding_inputs"):
             v = getattr(self, name)
             _check(isinstance(v, int) and not isinstance(v, bool) and v >= 1, f"{name} must be an integer >= 1")
+        for name in ("responses_store_max", "responses_store_max_bytes"):
+            v = getattr(self, name)
+            _check(isinstance(v, int) and not isinstance(v, bool) and v >= 0, f"{name} must be an integer >= 0")
+        _check(isinstance(self.any_model_name, bool), "any_model_name must be true or false")
 
     @property
     def max_upload_body_bytes(self) -> int:

@@ -66,7 +66,13 @@ def current_agents(app: FastAPI) -> Any:
 
 def chat_model(app: FastAPI, body: Any, route: str) -> tuple[Any, Any]:
     """The chat model's client and info for `body.model`, with unknown request fields logged."""
-    client, info = current_router(app).chat_model(body.model)
+    r = current_router(app)
+    try:
+        client, info = r.chat_model(body.model)
+    except APIError:
+        if not (app.state.config.any_model_name and len(r.chat) == 1) or body.model in r.embeddings:
+            raise
+        client, info = r.chat_model(next(iter(r.chat)))
     log_unknown(body, route)
     return client, info
 

@@ -30,7 +30,9 @@ from .errors import APIError, unavailable
 from .metrics import Metrics
 
 ROUTES = {"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models", "/health", "/metrics",
-          "/v1/agents/runs"}
+          "/v1/agents/runs", "/v1/responses", "/tokenize", "/detokenize"}
+UNPREFIXED = {"/chat/completions", "/completions", "/embeddings", "/models", "/responses"}
+"""Paths also served without /v1, as llama-server and vLLM do (with /models/ID and /responses/ID)."""
 DONE = b"data: [DONE]\n\n"
 log = logging.getLogger("hearth.serve")
 
@@ -43,9 +45,16 @@ _LONE_HIGH = re.compile(rb"\\ud[89ab]" + _HEX2 + rb"(?!\\ud[c-f]" + _HEX2 + rb")
 _LONE_LOW = re.compile(rb"\\ud[c-f](?<!\\ud[89ab]" + _HEX2 + rb"\\ud[c-f])" + _HEX2)
 
 
+def canonical_path(path: str) -> str:
+    """The /v1 path a route without the prefix stands for; any other path as it is."""
+    if path in UNPREFIXED or path.startswith(("/models/", "/responses/")):
+        return "/v1" + path
+    return path
+
+
 def route_label(path: str) -> str:
     """The metrics label of a path: a known route, a route family, or "other"."""
-    for prefix in ("/v1/models", "/v1/rag"):
+    for prefix in ("/v1/models", "/v1/rag", "/v1/responses"):
         if path.startswith(prefix + "/"):
             return prefix
     return path if path in ROUTES else "other"
@@ -183,7 +192,9 @@ class Edge:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        path = scope.get("path", "")
+        path = canonical_path(scope.get("path", ""))
+        if path != scope.get("path"):  # /chat/completions etc.: the /v1 route, its caps and its label
+            scope = dict(scope, path=path, raw_path=path.encode())
         route = route_label(path)
         if self.state.draining and path != "/health":
             self.metrics.requests.labels(route, "503").inc()

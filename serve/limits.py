@@ -116,3 +116,7 @@ def _check_chars(chars: int, config: ServeConfig, param: str) -> None:
         raise APIError(400, f"{param} holds {chars} characters; this server takes at most "
                             f"{config.max_prompt_chars} per request (max_prompt_chars).",
                        "invalid_request_error", param, "prompt_too_long")
+
+
+check_chars = _check_chars
+"""The max_prompt_chars check, for the routes beyond chat, completions and embeddings."""

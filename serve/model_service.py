@@ -26,7 +26,7 @@ from typing import AsyncIterator
 
 from hearth.runtime.engine import Engine, EngineStats
 from hearth.runtime.errors import CapacityError
-from hearth.runtime.prompt import PromptRequest, to_generation_request
+from hearth.runtime.prompt import PromptRequest, encode_prompt, to_generation_request
 from hearth.runtime.types import GenerationOutput, GenerationRequest
 
 from .config import ModelConfig
@@ -129,11 +129,22 @@ class ModelService:
     async def prepare(self, request: PromptRequest) -> GenerationRequest:
         """The engine request: the prompt rendered, tokenized and checked in the worker pool.
         More prompts waiting than the queue allows get a 429 rather than an unbounded backlog."""
+        return await self._in_pool(self._prepare_sync, request)
+
+    async def prompt_ids(self, request: PromptRequest) -> list[int]:
+        """The prompt token ids `request` stands for (template applied), in the worker pool, without
+        generating: /tokenize and the prompt-token count."""
+        return await self._in_pool(encode_prompt, self.engine.tokenizer, request)
+
+    async def detokenize(self, ids: list[int]) -> str:
+        return await self._in_pool(self.engine.tokenizer.decode, ids)
+
+    async def _in_pool(self, fn, *args):
         if self._prep_slots <= 0:
             raise CapacityError("too many prompts are being prepared; retry shortly")
         self._prep_slots -= 1
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._prep, self._prepare_sync, request)
+            return await asyncio.get_running_loop().run_in_executor(self._prep, fn, *args)
         finally:
             self._prep_slots += 1
 

@@ -263,3 +263,40 @@ def embedding_inputs(inp: Any) -> list[str] | list[list[int]]:
         return [list(inp)]
     return list(inp)
 
+
+class TokenizeRequest(_Open):
+    """POST /tokenize (vLLM's shape): a text `prompt`, or chat `messages` (with `tools`) rendered by the
+    model's template; `model` may be left out while one chat model is served."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1)
+    tools: list[Tool] | None = None
+    add_generation_prompt: bool = True
+
+
+class DetokenizeRequest(_Open):
+    model: str | None = None
+    tokens: list[int]
+
+
+class ResponsesRequest(_Open):
+    """POST /v1/responses: `input` (a string or items), `instructions`, function `tools`, and
+    `previous_response_id` to go on from a stored response. Items are checked by the route."""
+
+    model: str = Field(min_length=1)
+    input: Union[str, list[dict[str, Any]]]
+    instructions: str | None = None
+    previous_response_id: str | None = Field(default=None, max_length=128)
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Union[Literal["none", "auto", "required"], dict[str, Any], None] = None
+    parallel_tool_calls: bool | None = True
+    max_output_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    stream: bool | None = False
+    store: bool | None = True
+    metadata: dict[str, str] | None = None
+    text: dict[str, Any] | None = None
+    user: str | None = None
+    seed: int | None = None

@@ -130,6 +130,12 @@ class ChatModel(_EngineReplica):
     async def stats(self):
         return await self.svc.stats()
 
+    async def prompt_ids(self, request):
+        return await self.svc.prompt_ids(request)
+
+    async def detokenize(self, ids):
+        return await self.svc.detokenize(ids)
+
     async def healthy(self) -> bool:
         return await self.svc.healthy()
 
@@ -167,6 +173,18 @@ class RemoteChat:
 
     async def stats(self):
         return await self.handle.stats.remote()
+
+    async def prompt_ids(self, request):
+        try:
+            return await self.handle.prompt_ids.remote(request)
+        except Exception as e:
+            raise _local(e, "model") from None
+
+    async def detokenize(self, ids):
+        try:
+            return await self.handle.detokenize.remote(ids)
+        except Exception as e:
+            raise _local(e, "model") from None
 
     async def healthy(self) -> bool:
         try:
