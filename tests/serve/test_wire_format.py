@@ -144,21 +144,18 @@ def test_response_store_is_bounded_lru():
 
 # ---- streams end with a finish chunk of their own -------------------------------------------------
 
-@pytest.mark.parametrize("max_tokens", [3, 60])  # cut by max_tokens ("length"), and ended ("stop")
-def test_chat_stream_finish_in_its_own_chunk(served, max_tokens):
+@pytest.mark.parametrize("limit, reason", [({"max_tokens": 3}, "length"), ({"max_tokens": 30, "stop": [" "]}, "stop")])
+def test_chat_stream_finish_in_its_own_chunk(served, limit, reason):
     c = served.client()
-    chunks = [ch for ch in c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}],
-                                                     temperature=0, max_tokens=max_tokens, stream=True)]
-    full = c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], temperature=0,
-                                     max_tokens=max_tokens)
+    ask = dict(model=MODEL, messages=[{"role": "user", "content": "Name three colours."}], temperature=0, **limit)
+    chunks = list(c.chat.completions.create(stream=True, **ask))
+    full = c.chat.completions.create(**ask)
     last = chunks[-1].choices[0]
-    assert last.finish_reason == full.choices[0].finish_reason
+    assert last.finish_reason == full.choices[0].finish_reason == reason
     assert last.delta.content is None and last.delta.tool_calls is None and last.delta.role is None
     # a client reading content only while finish_reason is null gets the whole text
     text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices[0].finish_reason is None)
     assert text == full.choices[0].message.content
-    if max_tokens == 3:
-        assert last.finish_reason == "length"
 
 
 def test_completions_stream_finish_in_its_own_chunk(served):
