@@ -30,13 +30,9 @@ from .types import GuidedDecoding
 
 log = logging.getLogger("hearth.guided")
 
-JSON_WHITESPACE = r"[\n]?[ \t]{0,20}"
-"""The whitespace allowed between JSON tokens: at most one newline and an indent of 20 (llama.cpp's
-JSON grammars allow as much). A model may write JSON pretty-printed, as it learnt it (forced into
-compact JSON, SmolLM2 loops inside the first string), but can never loop on whitespace: every gap
-ends at the next token, so at most 21 characters of whitespace stand in a row."""
-JSON_DEFAULTS = {"whitespace_flexible": False, "whitespace_pattern": JSON_WHITESPACE}
-"""A schema may still choose other whitespace through its own "x-guidance" options."""
+JSON_DEFAULTS = {"whitespace_flexible": False}
+"""Compact JSON (',' and ':' with no whitespace): a small model cannot loop on whitespace forever.
+A schema may still opt in to flexible whitespace through its own "x-guidance" options."""
 CACHE_SIZE = 64
 """Compiled grammars kept per tokenizer (least recently used dropped first)."""
 
@@ -86,7 +82,7 @@ def grammar_text(guided: GuidedDecoding) -> str:
 
 
 def lark_json(schema: dict, json_format: dict | None = None) -> str:
-    """`%json{...}` for a Lark grammar, with the same bounded whitespace as a json_schema request
+    """`%json{...}` for a Lark grammar, with the same compact-JSON defaults as a json_schema request
     (a bare %json in Lark allows free whitespace, and a small model may emit newlines forever):
 
         GuidedDecoding("lark", f'start: "<tool_call>" {lark_json(schema)} "</tool_call>"')

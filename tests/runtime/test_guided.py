@@ -35,7 +35,7 @@ PET_SCHEMA = {
 SMALL_PET = {"type": "object", "properties": {"kind": {"enum": ["cat", "dog"]},
                                              "age": {"type": "integer", "minimum": 0, "maximum": 9}},
              "required": ["kind", "age"], "additionalProperties": False}
-LARK_PET = 'start: "pet=" pet\npet: ' + lark_json(SMALL_PET)  # bounded whitespace inside the grammar
+LARK_PET = 'start: "pet=" pet\npet: ' + lark_json(SMALL_PET)  # compact JSON inside the grammar
 LARK_PET_FREE = 'start: "pet=" pet\npet: %json' + json.dumps(SMALL_PET)  # llguidance's default: free whitespace
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "你好，世界！今天天气很好。我们一起去喝茶吧。",
          "Emoji stream test: 🙂🔥🚀 and 👩‍👩‍👧 123", " two  spaces\n\ttab"]
@@ -76,8 +76,8 @@ def test_guided_decoding_is_validated():
     assert e.value.param == "response_format"
 
 
-# ---- JSON whitespace: what models write, never without end --------------------------------------
-def test_json_allows_bounded_whitespace_only():
+# ---- JSON whitespace: never without end ------------------------------------------------------------
+def test_json_whitespace_cannot_loop():
     from tests.byte_grammar import accepts
 
     from hearth.runtime.guided import grammar_text
@@ -87,15 +87,9 @@ def test_json_allows_bounded_whitespace_only():
     for guided in (GuidedDecoding("json_schema", schema), GuidedDecoding("json_object"),
                    GuidedDecoding("lark", "start: " + lark_json(schema))):
         grammar = grammar_text(guided)
-        value = {"name": "Rex", "tags": [1, 2]}
-        # compact, json.dumps' default and pretty-printed JSON: the forms a model learnt
-        for text in (json.dumps(value, separators=(",", ":")), json.dumps(value), json.dumps(value, indent=2),
-                     json.dumps(value, indent=4), "{ \"name\" : \"Rex\" , \"tags\" : [ 1 , 2 ] }"):
-            assert accepts(grammar, text), (guided.kind, text)
-        # the guard against whitespace loops: never two newlines, nor a long indent, nor whitespace outside
-        for text in ('{' + "\n" * 50 + '"name": "Rex", "tags": []}', '{\n\n"name": "Rex", "tags": []}',
-                     '{' + " " * 21 + '"name": "Rex", "tags": []}', '{"name": "Rex", "tags": [' + "\n " * 30 + ']}',
-                     '\n{"name": "Rex", "tags": []}', '{"name": "Rex", "tags": []}\n'):
+        assert accepts(grammar, '{"name":"Rex","tags":[1,2]}'), guided.kind
+        for text in ('{' + "\n" * 50 + '"name": "Rex", "tags": []}', '{' + " " * 50 + '"name": "Rex", "tags": []}',
+                     '{"name": "Rex", "tags": [' + "\n " * 30 + ']}', '{"name":"Rex","tags":[]}' + "\n" * 50):
             assert not accepts(grammar, text), (guided.kind, text)
 
 
@@ -149,8 +143,7 @@ def test_json_object_regex_and_lark_tiny(engine):
             res = run({"kind": "lark", "spec": grammar}, seed=seed)
             assert res.finish_reason == "stop" and res.text.startswith("pet="), res.text
             jsonschema.validate(json.loads(res.text[4:]), SMALL_PET)
-            # bounded whitespace: one newline at most, then an indent of at most 20
-            assert grammar is LARK_PET_FREE or not re.search(r"\n\s*\n|[ \t]{21}", res.text)
+            assert grammar is LARK_PET_FREE or not re.search(r"\s", res.text)
 
 
 @pytest.mark.parametrize("guided", [
