@@ -256,3 +256,31 @@ def test_tokenize_counts_a_chat_prompt_without_generating(served):
         big = h.post("/tokenize", json={"model": MODEL, "prompt": "a" * 2_000_001})
         assert big.status_code == 400 and big.json()["error"]["code"] == "prompt_too_long"
     assert httpx.post(served.url + "/tokenize", json={"model": MODEL, "prompt": "a"}).status_code == 401
+
+
+def test_tokenize_goes_through_the_ray_deployment_handle():
+    import asyncio
+
+    pytest.importorskip("ray")
+    from hearth.serve.ray_app import ChatModel, RemoteChat
+
+    class Method:  # a deployment handle's method: .remote(...) gives an awaitable
+        def __init__(self, fn):
+            self.fn = fn
+
+        def remote(self, *args):
+            async def call():
+                return self.fn(*args)
+            return call()
+
+    class Handle:
+        prompt_ids = Method(lambda req: [1, 2, 3])
+        detokenize = Method(lambda ids: "text")
+
+        def options(self, **kw):
+            return self
+
+    remote = RemoteChat(Handle())
+    assert asyncio.run(remote.prompt_ids(object())) == [1, 2, 3]
+    assert asyncio.run(remote.detokenize([1])) == "text"
+    assert callable(ChatModel.func_or_class.prompt_ids) and callable(ChatModel.func_or_class.detokenize)
