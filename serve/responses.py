@@ -34,6 +34,7 @@ from .tool_parsers import ContentDelta
 
 router = APIRouter(dependencies=AUTH)
 TEXT_PARTS = ("input_text", "output_text", "text")
+_PARAMS = {"max_tokens": "max_output_tokens", "messages": "input", "response_format": "text.format"}
 
 
 class ResponseStore:
@@ -82,11 +83,15 @@ async def create_response(body: ResponsesRequest, request: Request):
     conversation = history + input_messages(body.input, "input")
     system = [{"role": "system", "content": body.instructions}] if body.instructions else []
     chat = _chat_request(body, system + conversation)
-    limits.check_chat(chat, request.app.state.config, info.max_model_len)
     try:
+        limits.check_chat(chat, request.app.state.config, info.max_model_len)
         plan = plan_chat(chat, info)
     except HearthError as e:
         raise from_exception(e, "input") from None
+    except APIError as e:  # the chat fields' names, as this API calls them
+        e.param = _PARAMS.get(e.param, e.param)
+        e.message = e.message.replace("max_tokens", "max_output_tokens")
+        raise
     run = route_run(request, client, plan.request, model=body.model, t0=t0)
     await start_runs([run], request)
     shell = _shell(body)
@@ -206,7 +211,7 @@ def _chat_request(body: ResponsesRequest, messages: list[dict]) -> ChatCompletio
     except ValidationError as e:
         err = e.errors()[0]
         where = ".".join(str(x) for x in err.get("loc", ()))
-        param = {"messages": "input", "response_format": "text.format"}.get(where.split(".")[0], where)
+        param = _PARAMS.get(where.split(".")[0], where)
         raise invalid(f"{param}: {err.get('msg', 'invalid value')}", param) from None
 
 

@@ -79,6 +79,9 @@ def test_responses_store_false_and_unknown_previous_id_is_404(served):
     with pytest.raises(openai.BadRequestError) as e:
         c.responses.create(model=MODEL, input="Hi", tools=[{"type": "web_search"}])
     assert e.value.body["param"] == "tools[0].type"
+    with pytest.raises(openai.BadRequestError) as e:
+        c.responses.create(model=MODEL, input="Hi", max_output_tokens=10**7)
+    assert e.value.body["param"] == "max_output_tokens" and "max_output_tokens" in e.value.body["message"]
 
 
 def test_responses_stream_text_events(served):
