@@ -21,7 +21,7 @@ from hearth.runtime.errors import HearthError
 from hearth.runtime.prompt import PromptRequest
 from hearth.runtime.types import GuidedDecoding
 
-from . import agents_routes, limits, tool_parsers
+from . import agents_routes, guided_fields, limits, tool_parsers
 from .common import (DONE, Run, chat_logprobs, check_stream_options, include_usage, new_id, prepend, route_run,
                      sampling_params, sse, sse_response, start_runs, until_done, usage_dict)
 from .deps import AUTH, chat_model, current_agents
@@ -108,11 +108,12 @@ def plan_chat(body: ChatCompletionRequest, info: ModelInfo) -> ChatPlan:
     if active and choice != "auto":
         guided = GuidedDecoding("lark", module.grammar(tools, choice, body.parallel_tool_calls is not False,
                                                        special_ids=info.tool_special_ids))
-    elif body.response_format is not None and body.response_format.type != "text":
-        guided = _response_format(body)
-        # as OpenAI does, tell the model what it must write: the mask alone keeps the syntax, and a
-        # model that does not know it is writing JSON fills the strings with prose
-        messages = _with_format_hint(messages, guided)
+    else:
+        guided, _ = guided_fields.request_guided(body)
+        if guided is not None and guided.kind in ("json_schema", "json_object"):
+            # as OpenAI does, tell the model what it must write: the mask alone keeps the syntax, and a
+            # model that does not know it is writing JSON fills the strings with prose
+            messages = _with_format_hint(messages, guided)
 
     if body.top_logprobs and not body.logprobs:
         raise invalid("top_logprobs requires logprobs: true", "top_logprobs")
@@ -141,29 +142,6 @@ def _message_dict(m) -> dict:
     if d["content"] is None and not m.tool_calls and m.role != "assistant":
         raise ValueError(f"a {m.role} message needs content")
     return d
-
-
-def _response_format(body: ChatCompletionRequest) -> GuidedDecoding:
-    rf = body.response_format
-    if rf.type == "json_object":
-        return GuidedDecoding("json_object", None)
-    spec = rf.json_schema
-    if spec is None or spec.schema_ is None:
-        raise invalid("response_format json_schema needs json_schema.schema", "response_format")
-    schema = _strict(spec.schema_) if spec.strict else spec.schema_
-    return GuidedDecoding("json_schema", schema)
-
-
-def _strict(schema: Any) -> Any:
-    """OpenAI's strict mode: objects take no properties beyond those listed, unless they say so."""
-    if isinstance(schema, list):
-        return [_strict(s) for s in schema]
-    if not isinstance(schema, dict):
-        return schema
-    out = {k: _strict(v) for k, v in schema.items()}
-    if out.get("type") == "object" or "properties" in out:
-        out.setdefault("additionalProperties", False)
-    return out
 
 
 def _with_format_hint(messages: list[dict], guided: GuidedDecoding) -> list[dict]:

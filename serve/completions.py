@@ -16,7 +16,7 @@ from fastapi import APIRouter, Request
 from hearth.runtime.errors import HearthError
 from hearth.runtime.prompt import PromptRequest
 
-from . import limits
+from . import guided_fields, limits
 from .common import (DONE, Run, check_stream_options, include_usage, merge, new_id, route_run, sampling_params,
                      sse, sse_response, start_runs, token_text, until_done, usage_dict)
 from .deps import AUTH, chat_model
@@ -64,7 +64,8 @@ def plan_completions(body: CompletionRequest, info: ModelInfo) -> list[PromptReq
         raise invalid("max_tokens 0 is only allowed with echo and logprobs (prompt scoring)", "max_tokens")
     params = sampling_params(body, info, max_tokens=max_tokens, n=body.n or 1, logprobs=k is not None,
                              top_logprobs=k or 0, prompt_logprobs=k if (echo and k is not None) else None,
-                             default_max_tokens=LEGACY_DEFAULT_MAX_TOKENS)
+                             default_max_tokens=LEGACY_DEFAULT_MAX_TOKENS,
+                             guided=guided_fields.request_guided(body)[0])
     rid = new_id("cmpl")
     reqs = []
     for i, p in enumerate(prompts):

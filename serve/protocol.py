@@ -110,6 +110,14 @@ class _SamplingFields(_Open):
     min_p: float | None = Field(default=None, ge=0.0, le=1.0)
     repetition_penalty: float | None = Field(default=None, gt=0.0, le=10.0)
     ignore_eos: bool | None = False
+    # structured output as vLLM and llama.cpp's server take it; at most one per request (guided_fields.py)
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: Union[dict[str, Any], str, None] = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    grammar: str | None = None
+    json_schema: Union[dict[str, Any], str, None] = None
 
     @field_validator("stop")
     @classmethod
@@ -177,6 +185,7 @@ class ChatCompletionRequest(_SamplingFields):
 
 
 class CompletionRequest(_SamplingFields):
+    response_format: ResponseFormat | None = None
     prompt: Union[str, list[str], list[int], list[list[int]]]
     echo: bool | None = False
     logprobs: int | None = Field(default=None, ge=0, le=5)
