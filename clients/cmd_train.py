@@ -7,7 +7,8 @@
 Each stage is one self-contained script in training/ (see STAGES) exposing `Config` (a dataclass the
 recipe mirrors) and `run(config, resume=False) -> Path` (the output checkpoint, printed on stdout as the
 last line). `key=value` pairs after the options override recipe fields (values read as YAML). The bundled
-recipes' `training/data/...` paths work from any folder. Library notices are hidden unless --verbose.
+`training/recipes/...` and `training/data/...` paths work from any folder; outputs (runs/...) go where you
+are. Library notices are hidden unless --verbose.
 """
 
 from __future__ import annotations

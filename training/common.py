@@ -260,8 +260,9 @@ def find_file(path: str, field_name: str) -> Path:
 
 
 def load_config(cls: type[T], path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> T:
-    """Read a YAML recipe into `cls`; `overrides` (e.g. from the command line) win over the file."""
-    path = Path(path)
+    """Read a YAML recipe into `cls`; `overrides` (e.g. from the command line) win over the file. A bundled
+    recipe (`training/recipes/...`) is found from any folder, like the bundled data."""
+    path = bundled_path(path)
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except FileNotFoundError:

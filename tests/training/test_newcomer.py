@@ -48,6 +48,12 @@ def test_every_recipe_finds_its_bundled_data_from_another_folder(recipe, tmp_pat
     assert paths and all(Path(p).is_file() and Path(p).is_absolute() for p in paths), paths
 
 
+def test_the_readme_recipe_paths_work_from_another_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(dpo.Config, "training/recipes/dpo.yaml")  # as the README writes it
+    assert cfg.output_dir == "runs/dpo" and Path(cfg.data).is_file()
+
+
 def test_self_instruct_and_eval_find_bundled_files_from_another_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cfg = SelfInstructConfig(teacher="http://127.0.0.1:1", model="m", n=1, seeds="training/data/seed_tasks.jsonl")
