@@ -42,7 +42,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run_self_instruct(args: argparse.Namespace) -> int:
-    from hearth.clients.quiet import quiet_libraries
+    from hearth.runtime.quiet import quiet_libraries
 
     quiet_libraries(verbose=args.verbose)
     from hearth.training.self_instruct import SelfInstructConfig, self_instruct

@@ -33,7 +33,7 @@ def _verbose(p: argparse.ArgumentParser) -> None:
 
 
 def _quiet(args: argparse.Namespace) -> None:
-    from hearth.clients.quiet import quiet_libraries
+    from hearth.runtime.quiet import quiet_libraries
 
     quiet_libraries(verbose=args.verbose)  # before torch and transformers are imported
 

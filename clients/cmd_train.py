@@ -64,7 +64,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from hearth.clients.quiet import quiet_libraries
+    from hearth.runtime.quiet import quiet_libraries
 
     quiet_libraries(verbose=args.verbose)  # before torch and transformers are imported
     from hearth.training.common import TrainingConfigError, load_config, parse_overrides

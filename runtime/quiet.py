@@ -2,6 +2,7 @@
 
     from hearth.runtime.quiet import setup_output
     setup_output(verbose=args.verbose)     # first thing in a CLI's main, before torch/transformers load
+    quiet_libraries(verbose=args.verbose)  # only the library noise (training keeps its own logging)
 
 hearth loads every model from a local path, so the model hub is never needed: HF_HUB_OFFLINE and
 TRANSFORMERS_OFFLINE default to 1 (an explicit value in the environment wins). That also keeps
@@ -33,6 +34,47 @@ class _BelowError(logging.Filter):
 
 _FILTER = _BelowError()
 
+# logger name -> message starts that are noise on that logger, whatever its level
+NOISY_LOG_LINES = {
+    "DeepSpeed": ("Setting accelerator to", "Setting ds_accelerator to"),
+    "torch.utils._pytree": ("%s is an Enum subclass",),
+    "torch.utils.cpp_extension": ("No CUDA runtime is found",),
+    "bitsandbytes.backends.cpu.ops": ("Failed to load CPU gemm_4bit_forward",),
+}
+# environment defaults the libraries read when they are imported (values the user set win)
+QUIET_ENV = {
+    "TRANSFORMERS_VERBOSITY": "error",
+    "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+    "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # transformers' "Loading weights" / "Writing model shards" bars
+    "TF_CPP_MIN_LOG_LEVEL": "3",
+}
+
+
+class _DropLines(logging.Filter):
+    def __init__(self, starts: tuple[str, ...]):
+        super().__init__()
+        self.starts = starts
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.starts)
+
+
+def quiet_libraries(verbose: bool = False) -> None:
+    """Hide the known-noisy library lines and warnings for this process (no-op with verbose), leaving
+    logging levels alone. Call it before the libraries are imported: the filters sit on loggers they
+    create later, and the environment defaults are read at their import."""
+    if verbose:
+        return
+    for name, starts in NOISY_LOG_LINES.items():
+        logger = logging.getLogger(name)  # the same object the library configures when it is imported
+        if not any(isinstance(f, _DropLines) for f in logger.filters):
+            logger.addFilter(_DropLines(starts))
+    for key, value in QUIET_ENV.items():
+        os.environ.setdefault(key, value)
+    for category in (DeprecationWarning, PendingDeprecationWarning, FutureWarning):
+        warnings.filterwarnings("ignore", category=category)
+
 
 def setup_output(verbose: bool = False) -> None:
     """Offline by default; library noise hidden unless `verbose` (then INFO logs are shown too)."""
@@ -45,12 +87,7 @@ def setup_output(verbose: bool = False) -> None:
         for name in NOISY_LOGGERS:
             logging.getLogger(name).removeFilter(_FILTER)
         return
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' loading/saving bars follow it
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    for category in (DeprecationWarning, PendingDeprecationWarning, FutureWarning):
-        warnings.filterwarnings("ignore", category=category)
+    quiet_libraries(verbose=False)
     # a library's UserWarning is advice to its caller (hearth), not to the person at the terminal
     warnings.filterwarnings("ignore", category=UserWarning,
                             module=r"(torch|transformers|bitsandbytes|peft|accelerate|gptqmodel|optimum|torchao"
