@@ -71,6 +71,10 @@ def run_serve(args: argparse.Namespace) -> int:
     from hearth.serve.config import load_config
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not getattr(args, "verbose", False):
+        from hearth.runtime.quiet import quiet_libraries
+
+        quiet_libraries()  # its environment defaults reach Ray's replicas too (they inherit it)
     cfg = load_config(args.config)
     if args.host is not None:
         cfg.host = args.host
@@ -114,4 +118,4 @@ def run_serve(args: argparse.Namespace) -> int:
         launch_demo(loopback_url(cfg.host, cfg.port), None, host=cfg.host, port=args.demo_port, block=False)
         print(f"hearth: chat demo on http://{cfg.host}:{args.demo_port}", flush=True)
 
-    return run_ray(cfg, address=args.address)
+    return run_ray(cfg, address=args.address, verbose=bool(getattr(args, "verbose", False)))

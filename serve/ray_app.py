@@ -588,14 +588,18 @@ def _one_machine():
                              os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") != "0")
 
 
-def deploy(config: ServeConfig):
-    """Deploy the application; returns once every replica is up."""
+def deploy(config: ServeConfig, verbose: bool = False):
+    """Deploy the application; returns once every replica is up. Serve's own INFO lines (controller,
+    proxy, one per request) are hidden unless verbose; warnings and errors still show."""
     # behind HAProxy, Ray serves on loopback (the replicas' own ports, the fallback proxy) and
     # HAProxy's front end alone listens on config.host (_haproxy_wrapper)
     host = LOOPBACK if _haproxy_dir else config.host
     # the proxy neither times out nor sheds requests: the app answers 408/429 in OpenAI's envelope
-    serve.start(http_options=HTTPOptions(host=host, port=config.port, request_timeout_s=None))
-    return serve.run(build(config), name=APP_NAME, route_prefix="/", blocking=False)
+    from ray.serve.schema import LoggingConfig
+
+    logs = None if verbose else LoggingConfig(log_level="WARNING", enable_access_log=False)
+    serve.start(http_options=HTTPOptions(host=host, port=config.port, request_timeout_s=None), logging_config=logs)
+    return serve.run(build(config), name=APP_NAME, route_prefix="/", blocking=False, logging_config=logs)
 
 
 def start(config: ServeConfig, address: str | None = None):
@@ -640,7 +644,7 @@ def _reap_haproxy() -> None:
     shutil.rmtree(d, ignore_errors=True)
 
 
-def run(config: ServeConfig, address: str | None = None) -> int:
+def run(config: ServeConfig, address: str | None = None, verbose: bool = False) -> int:
     """`hearth serve`: deploy, print the URL, block until SIGINT/SIGTERM, then drain and stop."""
     stop_event = threading.Event()
 
@@ -652,7 +656,7 @@ def run(config: ServeConfig, address: str | None = None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     try:
-        deploy(config)
+        deploy(config, verbose=verbose)
         host = config.host if ":" not in config.host else f"[{config.host}]"
         print(f"hearth: serving on http://{host}:{config.port}/v1 (Ray Serve)", flush=True)
         stop_event.wait()
