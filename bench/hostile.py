@@ -394,6 +394,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"bench hostile: --layouts takes {', '.join(LAYOUTS)}; --attacks takes {', '.join(ATTACKS)}; "
               f"--quiet-s > 0 (unknown: {', '.join(bad) or '-'})", file=sys.stderr)
         return 2
+    from hearth.clients.cmd_bench import output_problem, write_json
+
+    problem = output_problem(args.json)
+    if problem:  # before minutes of measuring, not after
+        print(f"bench hostile: {problem}", file=sys.stderr)
+        return 2
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     results: dict = {"settings": {"layouts": layouts, "attacks": attacks, "quiet_s": args.quiet_s},
                      "meta": {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "argv": list(sys.argv),
@@ -410,12 +416,7 @@ def run(args: argparse.Namespace) -> int:
             r["targets"] = verdict(r)
     print(format_report(results))
     if args.json:
-        from hearth.runtime.fileio import atomic_write_bytes
-
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(path, (json.dumps(_serve_bench()._finite(results), indent=2) + "\n").encode())
-        _say(f"wrote {args.json}")
+        write_json(args.json, results, _say)
     failed = any("error" in r or not all(r["targets"].values()) for r in results["layouts"])
     return 1 if failed else 0
 
