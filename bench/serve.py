@@ -1,6 +1,6 @@
 """The OpenAI-compatible HTTP server against the in-process engine, on the bundled default model.
 
-    hearth bench serve --json bench/serve.json                    # both modes, ~7 min on 2 cores
+    hearth bench serve --json bench/serve.json                    # both modes (+ llama-server), ~12 min
     hearth bench serve --mode no-ray --concurrency 1,2 --max-tokens 8 --requests-per-level 2
     python bench/serve.py --mode ray --json out.json
 
@@ -22,6 +22,15 @@ Reported per mode and level: aggregate output tok/s, its ratio to the engine, TT
 p50 TTFT added over the engine, inter-chunk latency p50/p95, errors, the CPU seconds this client
 process spent per request (on 2 cores the load generator competes with the server) and the CPU the
 server's process tree spent per token, split by process for Ray (proxy, ingress, model replica).
+
+llama.cpp's own `llama-server`, built by bench/build_llama_server.sh from the llama.cpp sources of the
+installed llama-cpp-python (found under $HEARTH_HOME/llama-server/<version>/, or --llama-server PATH),
+is one more server phase of every round (skipped with a one-line note when it is not built): the same
+GGUF, client, prompts, levels and warm-up, on 127.0.0.1 and a free port, with `-np <highest level> -cb`,
+`-t`/`-tb` = --threads, 2048 context cells per slot (hearth's context; llama-server fails every running
+request when a shared KV pool overflows, so its slots get their own cells), batch 512 as hearth's, the
+model's own chat template (--jinja) and the same API key scheme. hearth ÷ llama-server ratios per level
+pair each round's phases; the targets of issue 16 are checked on them.
 """
 
 from __future__ import annotations
@@ -48,12 +57,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is a folder of scripts, not a package
-from serve_report import compare, format_report, targets  # noqa: E402
+from serve_report import LLAMA, compare, format_report, targets  # noqa: E402
 
 from hearth.clients.cmd_bench import finite, output_problem, write_json
 
 MODES = ("no-ray", "ray")
-LEVELS = (1, 4, 16, 32)
+LEVELS = (1, 4, 8, 16, 32)
 MODEL = "smollm2-135m-instruct"
 _T0 = time.perf_counter()
 
@@ -79,8 +88,10 @@ class Settings:
     warmup_tokens: int = 8
     request_timeout_s: float = 120.0
     level_timeout_s: float = 600.0
-    startup_timeout_s: dict = field(default_factory=lambda: {"no-ray": 180.0, "ray": 300.0})
+    startup_timeout_s: dict = field(default_factory=lambda: {"no-ray": 180.0, "ray": 300.0, LLAMA: 120.0})
     stop_timeout_s: float = 60.0
+    llama_server: str | None = None
+    """llama.cpp's llama-server binary, measured as one more server phase per round; None: not measured."""
 
     def __post_init__(self) -> None:
         if not self.levels or any(c < 1 for c in self.levels):
@@ -96,6 +107,13 @@ class Settings:
             raise ValueError(f"modes must be a non-empty subset of {MODES}, got {self.modes}")
         if self.rounds < 1 or self.threads < 1:
             raise ValueError("rounds and threads must be at least 1")
+        if self.llama_server is not None and not os.access(self.llama_server, os.X_OK):
+            raise ValueError(f"--llama-server {self.llama_server} is not an executable file")
+
+    def schedule(self) -> list[str]:
+        """The server phases in order (an engine phase before each and after the last)."""
+        servers = self.modes + ((LLAMA,) if self.llama_server else ())
+        return [m for _ in range(self.rounds) for m in servers]
 
     def requests(self, c: int) -> int:
         return self.requests_per_level or max(8, 2 * c)
@@ -118,6 +136,46 @@ class Settings:
                 f"host: 127.0.0.1\n"
                 f"request_timeout_s: {self.request_timeout_s}\n"
                 f"drain_timeout_s: 5\n")
+
+    def llama_server_args(self) -> list[str]:
+        """llama-server's flags for the settings hearth gets: one slot per stream of the highest level,
+        each with hearth's context, the same threads and batch."""
+        slots = max(self.levels)
+        return ["-m", str(_gguf()), "--alias", MODEL, "-np", str(slots), "-cb", "-c", str(self.context * slots),
+                "--no-kv-unified", "-t", str(self.threads), "-tb", str(self.threads), "-b", "512", "-ub", "512",
+                "--jinja", "--no-webui"]
+
+
+def _gguf() -> Path:
+    from hearth.runtime.registry import resolve_model
+
+    return resolve_model(MODEL, prefer="gguf")
+
+
+def default_llama_server() -> Path:
+    """Where bench/build_llama_server.sh puts llama-server for the installed llama-cpp-python."""
+    import importlib.metadata as md
+
+    from hearth.runtime.registry import hearth_home
+
+    try:
+        version = md.version("llama-cpp-python")
+    except md.PackageNotFoundError:
+        version = "unknown"
+    return hearth_home() / "llama-server" / version / "llama-server"
+
+
+def find_llama_server(path: str | None, off: bool) -> tuple[str | None, str | None]:
+    """(the binary to measure, or None; a one-line note when the column is skipped)."""
+    if off:
+        return None, "llama-server column skipped (--no-llama-server)"
+    if path:
+        return path, None  # Settings checks it is executable: asked for by name, its absence is an error
+    found = default_llama_server()
+    if os.access(found, os.X_OK):
+        return str(found), None
+    return None, (f"llama-server column skipped: {found} is not built "
+                  f"(bench/build_llama_server.sh builds it; or pass --llama-server PATH)")
 
 
 def _say(msg: str) -> None:
@@ -339,9 +397,8 @@ def summarize(c: int, traces: list[Trace], wall: float) -> dict:
 def engine_phase(s: Settings, warm: list, levels: dict[int, list]) -> dict:
     """A fresh in-process engine: warm-up, then every level; the engine is freed at the end."""
     from hearth.runtime import Engine
-    from hearth.runtime.registry import resolve_model
 
-    gguf = str(resolve_model(MODEL, prefer="gguf"))
+    gguf = str(_gguf())
     t = time.perf_counter()
     engine = Engine.from_model(gguf, **s.engine_kwargs())
     load_s = time.perf_counter() - t
@@ -381,7 +438,7 @@ def _free_port() -> int:
 def _proc_label(cmdline: str, is_root: bool, mode: str) -> str:
     """Which part of the server a process is, from its command line (Ray sets ray::<actor> titles)."""
     if is_root:
-        return "server" if mode == "no-ray" else "driver"
+        return "driver" if mode == "ray" else "server"
     for key, label in (("ingress", "ingress"), ("ServeReplica", "replica"), ("ProxyActor", "proxy"),
                        ("ServeController", "controller"), ("raylet", "raylet"), ("gcs_server", "gcs"),
                        ("IDLE", "idle workers")):
@@ -403,16 +460,20 @@ class ServerProcess:
         self._known: dict[int, object] = {}  # pid -> psutil.Process ever seen in the tree
         self.processes: dict[str, set[str]] = {}  # label -> command lines seen
 
-    def start(self) -> float:
-        """Start and wait for GET /health == 200; returns the seconds that took."""
-        import httpx
-
+    def command(self) -> list[str]:
         cfg = self.workdir / f"models-{self.mode}.yaml"
         cfg.write_text(self.s.models_yaml())
         cmd = [sys.executable, "-m", "hearth.clients.cli", "serve", "--config", str(cfg), "--host", "127.0.0.1",
                "--port", str(self.port), "--api-key", self.key]
         if self.mode == "no-ray":
             cmd.append("--no-ray")
+        return cmd
+
+    def start(self) -> float:
+        """Start and wait for GET /health == 200; returns the seconds that took."""
+        import httpx
+
+        cmd = self.command()
         env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
         t = time.perf_counter()
         with open(self.log_path, "w") as log:
@@ -511,13 +572,26 @@ class ServerProcess:
         return {"rc": rc, "stop_s": time.perf_counter() - t, "killed": killed, "leftover_killed": left}
 
 
+class LlamaServerProcess(ServerProcess):
+    """llama.cpp's llama-server with the flags of Settings.llama_server_args."""
+
+    def command(self) -> list[str]:
+        return [self.s.llama_server, *self.s.llama_server_args(), "--host", "127.0.0.1", "--port", str(self.port),
+                "--api-key", self.key]
+
+    def scrape(self) -> dict[str, float]:
+        return {}  # its /metrics has other names (and needs --metrics): no server-side latency column
+
+
 def server_phase(mode: str, s: Settings, warm: list, levels: dict[int, list], workdir: Path) -> dict:
     import httpx
 
-    srv = ServerProcess(mode, s, workdir)
+    srv = (LlamaServerProcess if mode == LLAMA else ServerProcess)(mode, s, workdir)
     res: dict = {"kind": "server", "mode": mode, "levels": []}
     try:
-        _say(f"{mode}: starting `hearth serve` on {srv.url}")
+        if mode == LLAMA:
+            res["command"] = shlex.join(srv.command()).replace(srv.key, "KEY")
+        _say(f"{mode}: starting `{res.get('command', 'hearth serve')}` on {srv.url}")
         res["startup_s"] = srv.start()
         _say(f"{mode}: healthy after {res['startup_s']:.1f} s")
 
@@ -582,6 +656,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rounds", type=int, default=1,
                    help="repeat the engine/server alternation this often per mode (default 1)")
     p.add_argument("--threads", type=int, default=2, help="llama.cpp threads, server and engine (default 2)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--llama-server", metavar="PATH", default=None,
+                   help="llama.cpp's llama-server binary to measure beside hearth (default: the one "
+                        "bench/build_llama_server.sh built under $HEARTH_HOME/llama-server; skipped if absent)")
+    g.add_argument("--no-llama-server", action="store_true", help="leave the llama-server column out")
     p.add_argument("--json", metavar="PATH", default=None, help="write every number to this JSON file")
 
 
@@ -591,12 +670,13 @@ def settings_from(args: argparse.Namespace) -> Settings:
     except ValueError:
         raise ValueError(f"--concurrency takes comma-separated integers, got {args.concurrency!r}") from None
     modes = MODES if args.mode == "both" else (args.mode,)
+    llama, _ = find_llama_server(args.llama_server, args.no_llama_server)
     return Settings(levels=levels, max_tokens=args.max_tokens, requests_per_level=args.requests_per_level,
-                    modes=modes, rounds=args.rounds, threads=args.threads)
+                    modes=modes, rounds=args.rounds, threads=args.threads, llama_server=llama)
 
 
-def command_line(s: Settings, json_path: str | None) -> str:
-    """The command that repeats this run."""
+def command_line(s: Settings, json_path: str | None, llama_flag: str | None = None) -> str:
+    """The command that repeats this run; llama_flag: --llama-server PATH or --no-llama-server as given."""
     mode = "both" if set(s.modes) == set(MODES) else s.modes[0]
     parts = ["hearth", "bench", "serve", "--mode", mode, "--concurrency", ",".join(map(str, s.levels)),
              "--max-tokens", str(s.max_tokens)]
@@ -606,6 +686,8 @@ def command_line(s: Settings, json_path: str | None) -> str:
         parts += ["--rounds", str(s.rounds)]
     if s.threads != 2:
         parts += ["--threads", str(s.threads)]
+    if llama_flag:
+        parts += llama_flag.split(" ", 1)
     if json_path:
         parts += ["--json", json_path]
     return " ".join(shlex.quote(x) for x in parts)
@@ -624,7 +706,14 @@ def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     results: dict = {"meta": _meta(s), "settings": asdict(s), "phases": [], "errors": {}}
-    results["meta"]["command"] = command_line(s, args.json)
+    flag = "--no-llama-server" if args.no_llama_server else (
+        f"--llama-server {args.llama_server}" if args.llama_server else None)
+    results["meta"]["command"] = command_line(s, args.json, flag)
+    _, note = find_llama_server(args.llama_server, args.no_llama_server)
+    results["meta"]["llama_server"] = {"binary": s.llama_server, "note": note,
+                                       "version": _llama_version(s.llama_server)}
+    if note:
+        _say(note)
     results["meta"]["argv"] = list(sys.argv)
     warm, levels = phase_prompts(s)
     start = time.perf_counter()
@@ -633,7 +722,7 @@ def run(args: argparse.Namespace) -> int:
         before = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         with tempfile.TemporaryDirectory(prefix="hearth-bench-serve-") as tmp:
-            schedule = [m for _ in range(s.rounds) for m in s.modes]
+            schedule = s.schedule()
             for i, mode in enumerate(schedule):
                 _phase(results, f"engine#{i + 1}", lambda: engine_phase(s, warm, levels))
                 _phase(results, f"{mode}#{i + 1}", lambda: server_phase(mode, s, warm, levels, Path(tmp)))
@@ -692,6 +781,18 @@ def _meta(s: Settings) -> dict:
     return {"threads": s.threads, "cpus": cpus, "machine": platform.machine(), "processor": _cpu_name(),
             "python": platform.python_version(), "versions": versions, "loadavg_start": la,
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+def _llama_version(binary: str | None) -> str | None:
+    """`llama-server --version`'s build line."""
+    if not binary:
+        return None
+    try:
+        out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"unknown ({e})"
+    lines = [x for x in (out.stdout + out.stderr).splitlines() if x.startswith("version")]
+    return lines[0] if lines else None
 
 
 def _cpu_name() -> str:

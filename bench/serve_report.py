@@ -1,5 +1,5 @@
-"""Comparisons, targets and the printed report of bench/serve.py; `markdown_table` is what
-bench/RESULTS.md shows.
+"""Comparisons, targets and the printed report of bench/serve.py; `markdown_table` and `llama_table`
+are what bench/RESULTS.md shows.
 
     python bench/serve_report.py bench/serve.json          # print the Markdown table of a saved run
 """
@@ -10,11 +10,17 @@ import json
 import statistics
 import sys
 
+LLAMA = "llama-server"  # the server phase of llama.cpp's own server, beside hearth's modes
+
 # name -> (what is compared, key of the comparison row, goal, ">=" or "<="), checked at concurrency 1
 TARGETS = {
     "single_stream_ratio": ("single-stream HTTP tok/s / in-process engine tok/s", "ratio", 0.9, ">="),
     "added_ttft_p50_ms": ("single-stream p50 TTFT added by HTTP (ms)", "added_ttft_p50_ms", 30.0, "<="),
 }
+# issue 16: concurrency -> least hearth tok/s / llama-server tok/s
+VS_LLAMA_TARGETS = {1: 1.0, 8: 1.0, 32: 0.9}
+# issue 16: tok/s at SCALING_LEVEL streams / tok/s at 1 stream, over HTTP
+SCALING_LEVEL, SCALING_TARGET = 8, 1.8
 
 
 def compare(results: dict) -> dict:
@@ -77,7 +83,34 @@ def compare(results: dict) -> dict:
                                                   max(x["added_ttft_p50_range_ms"][1] for x in runs)]
             row["runs"] = runs
             out_modes[mode][c] = row
-    return {"engine": engine, "modes": out_modes}
+    return {"engine": engine, "modes": out_modes, "vs_llama": _vs_llama(out_modes), "scaling": _scaling(out_modes)}
+
+
+def _vs_llama(modes: dict[str, dict]) -> dict:
+    """Per hearth mode and level: hearth tok/s / llama-server tok/s, of the medians over rounds, with the
+    range of the ratios of each round's two phases."""
+    llama = modes.get(LLAMA)
+    if not llama:
+        return {}
+    out: dict[str, dict] = {}
+    for mode, levels in modes.items():
+        if mode == LLAMA:
+            continue
+        for c, row in levels.items():
+            lrow = llama.get(c)
+            if lrow is None:
+                continue
+            per_round = [_ratio(h["tok_s"], l["tok_s"]) for h, l in zip(row["runs"], lrow["runs"])]
+            out.setdefault(mode, {})[c] = {"tok_s": row["tok_s"], "llama_tok_s": lrow["tok_s"],
+                                           "ratio": _ratio(row["tok_s"], lrow["tok_s"]),
+                                           "ratio_min": min(per_round), "ratio_max": max(per_round)}
+    return out
+
+
+def _scaling(modes: dict[str, dict]) -> dict:
+    """Per mode (llama-server too): tok/s at SCALING_LEVEL streams / tok/s at one stream."""
+    return {mode: _ratio(levels[SCALING_LEVEL]["tok_s"], levels[1]["tok_s"])
+            for mode, levels in modes.items() if 1 in levels and SCALING_LEVEL in levels}
 
 
 def _ratio(a: float, b: float) -> float:
@@ -86,14 +119,27 @@ def _ratio(a: float, b: float) -> float:
 
 def targets(results: dict) -> dict:
     out = {}
-    for mode, levels in results.get("comparison", {}).get("modes", {}).items():
+
+    def check(mode: str, name: str, what: str, v: float, goal: float, op: str) -> None:
+        ok = v >= goal if op == ">=" else v <= goal
+        out[f"{mode}:{name}"] = {"mode": mode, "what": what, "value": v, "target": goal, "op": op, "pass": ok}
+
+    cmp = results.get("comparison", {})
+    for mode, levels in cmp.get("modes", {}).items():
         row = levels.get(1)
-        if row is None:
+        if row is None or mode == LLAMA:
             continue
         for name, (what, key, goal, op) in TARGETS.items():
-            v = row[key]
-            ok = v >= goal if op == ">=" else v <= goal
-            out[f"{mode}:{name}"] = {"mode": mode, "what": what, "value": v, "target": goal, "op": op, "pass": ok}
+            check(mode, name, what, row[key], goal, op)
+    for mode, v in cmp.get("scaling", {}).items():
+        if mode != LLAMA:
+            check(mode, f"scaling_{SCALING_LEVEL}", f"HTTP tok/s at {SCALING_LEVEL} streams / at 1 stream", v,
+                  SCALING_TARGET, ">=")
+    for mode, levels in cmp.get("vs_llama", {}).items():
+        for c, goal in VS_LLAMA_TARGETS.items():
+            if c in levels:
+                check(mode, f"vs_llama_server_{c}", f"hearth tok/s / llama-server tok/s at {c} streams",
+                      levels[c]["ratio"], goal, ">=")
     return out
 
 
@@ -182,6 +228,39 @@ def cpu_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def llama_table(results: dict) -> str:
+    """hearth against llama-server per mode and level: tok/s and its ratio (the range pairs each round's
+    two phases), TTFT and ITL p50, server CPU per token; then the 8-vs-1-stream scaling of each server."""
+    cmp = results.get("comparison", {})
+    vs = cmp.get("vs_llama", {})
+    if not vs:
+        return ""
+    rows = _level_rows(results)
+    head = ["hearth mode", "conc", "hearth tok/s", "llama-server tok/s", "hearth ÷ llama-server",
+            "TTFT p50 ms (hearth / llama-server)", "ITL p50 ms (hearth / llama-server)",
+            "server CPU ms/tok (hearth / llama-server)", "target"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for mode, levels in vs.items():
+        for c in sorted(levels, key=int):
+            v = levels[c]
+            h, l = rows.get((mode, int(c)), {}), rows.get((LLAMA, int(c)), {})
+            ratio = _f(v["ratio"], 2)
+            if v["ratio_min"] != v["ratio_max"]:
+                ratio += f" ({_f(v['ratio_min'], 2)}–{_f(v['ratio_max'], 2)})"
+            goal = VS_LLAMA_TARGETS.get(int(c))
+            verdict = "–" if goal is None else f"≥ {goal:g}: {'met' if v['ratio'] >= goal else 'MISSED'}"
+            lines.append("| " + " | ".join([
+                mode, str(c), _f(v["tok_s"]), _f(v["llama_tok_s"]), ratio,
+                *(f"{_f(h.get(k))} / {_f(l.get(k))}" for k in ("ttft_p50_ms", "itl_p50_ms", "server_cpu_ms_per_token")),
+                verdict]) + " |")
+    scaling = cmp.get("scaling", {})
+    if scaling:
+        lines.append("")
+        lines.append(f"tok/s at {SCALING_LEVEL} streams / at 1 stream: " + ", ".join(
+            f"{mode} {_f(v, 2)}×" for mode, v in scaling.items()) + f" (target for hearth ≥ {SCALING_TARGET:g}×)")
+    return "\n".join(lines)
+
+
 def format_report(results: dict) -> str:
     s = results.get("settings", {})
     parts = [f"HTTP streaming vs the in-process engine ({s.get('max_tokens')} tokens per request, temperature 0, "
@@ -191,7 +270,13 @@ def format_report(results: dict) -> str:
     if cpu:
         parts += ["Server CPU per token by process, and the server's own latency metrics "
                   "(measured at the app: the ingress under Ray)", cpu]
-    lines = ["Targets (concurrency 1):"]
+    llama = llama_table(results)
+    if llama:
+        parts += ["hearth against llama.cpp's llama-server (same GGUF, client, prompts and levels)", llama]
+    lines = ["Targets:"]
+    note = results.get("meta", {}).get("llama_server", {}).get("note")
+    if note:
+        lines.insert(0, note)
     for t in results.get("targets", {}).values():
         lines.append(f"  [{'pass' if t['pass'] else 'MISS'}] {t['mode']}: {t['what']}: {t['value']:.3f} "
                      f"(target {t['op']} {t['target']:g})")
@@ -212,7 +297,8 @@ def load_results(path: str) -> dict:
         res = json.load(f)
     cmp = res.get("comparison", {})
     cmp["engine"] = {int(k): v for k, v in cmp.get("engine", {}).items()}
-    cmp["modes"] = {m: {int(k): v for k, v in lv.items()} for m, lv in cmp.get("modes", {}).items()}
+    for key in ("modes", "vs_llama"):
+        cmp[key] = {m: {int(k): v for k, v in lv.items()} for m, lv in cmp.get(key, {}).items()}
     return res
 
 

@@ -35,7 +35,7 @@ def test_tiny_no_ray_run_writes_every_field(tmp_path):
     out = tmp_path / "serve.json"
     bench = load_bench()
     rc = bench.main(["--mode", "no-ray", "--concurrency", "1,2", "--max-tokens", "8", "--requests-per-level", "2",
-                     "--json", str(out)])
+                     "--no-llama-server", "--json", str(out)])
     res = json.loads(out.read_text())
     assert rc == 0, (res.get("errors"), res.get("tracebacks"))
     assert not res["errors"]
