@@ -2,6 +2,7 @@
 
     hearth serve                                   # default chat model + embeddings on 127.0.0.1:8000
     hearth serve --config models.yaml --api-key sk-local --port 8080
+    hearth serve --model qwen2.5-coder-1.5b-instruct   # a model `hearth models pull` fetched (or a path)
     hearth serve --address ray://head:10001        # join an existing Ray cluster (multi-node)
     hearth serve --no-ray                          # one process, no Ray: development and tests
     hearth serve --no-ray --demo                   # and the Gradio chat demo at http://127.0.0.1:8000/demo
@@ -11,12 +12,16 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve models over the OpenAI API (Ray Serve)")
     p.add_argument("--config", default=None, help="models.yaml (default: the bundled chat model + embeddings)")
+    p.add_argument("--model", default=None, metavar="NAME_OR_PATH",
+                   help="serve this one chat model instead of the config's: a registered name (see `hearth models "
+                        "list`) or a GGUF file / HF folder")
     p.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help="port (default 8000; 0 picks a free one)")
     p.add_argument("--api-key", action="append", default=[], dest="api_keys",
@@ -31,6 +36,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="also serve the Gradio chat demo: at /demo with --no-ray, else on --demo-port")
     p.add_argument("--demo-port", type=int, default=7860, help="the demo's port under Ray (default 7860)")
     p.set_defaults(func=run_serve)
+
+
+def model_from_flag(source: str):
+    """The ModelConfig of `--model`: a registered name serves under that name, a path under its file stem."""
+    from pathlib import Path
+
+    from hearth.runtime.registry import looks_like_path
+    from hearth.serve.config import ModelConfig
+
+    if looks_like_path(source) or Path(source).expanduser().exists():
+        p = Path(source).expanduser()
+        return ModelConfig(name=(p.stem if p.suffix == ".gguf" else p.name) or source, path=source)
+    return ModelConfig(name=source)
 
 
 def preflight(cfg) -> str | None:
@@ -50,6 +68,10 @@ def preflight(cfg) -> str | None:
         elif src != DEFAULT_MODEL:
             known = known if known is not None else {e.name for e in list_models() if e.error is None}
             if src not in known:
+                from hearth.runtime.catalog import catalog_names
+
+                if src in catalog_names():
+                    return f"model {src!r} is not pulled yet; run `hearth models pull {src}` first"
                 return (f"models[{i}] ({m.name}): no model named {src!r} is registered; give `path:` a GGUF "
                         f"file or an HF folder, or see `hearth models list`")
     for i, e in enumerate(cfg.embeddings):
@@ -75,7 +97,10 @@ def run_serve(args: argparse.Namespace) -> int:
         from hearth.runtime.quiet import quiet_libraries
 
         quiet_libraries()  # its environment defaults reach Ray's replicas too (they inherit it)
+        os.environ["HEARTH_QUIET"] = "1"  # and this tells them to hide the same library lines
     cfg = load_config(args.config)
+    if getattr(args, "model", None):
+        cfg.models = [model_from_flag(args.model)]
     if args.host is not None:
         cfg.host = args.host
     if args.port is not None:

@@ -60,6 +60,17 @@ LOOPBACK = "127.0.0.1"
 wraps_errors(ray.exceptions.RayTaskError)
 
 
+def _replica_start() -> None:
+    """What each deployment's __init__ does first: the library noise hidden in this replica as in the
+    driver (`hearth serve` sets HEARTH_QUIET=1 unless --verbose; Ray's workers inherit it, not the
+    driver's logging filters), and the replica's gRPC port on loopback."""
+    if os.environ.get("HEARTH_QUIET") == "1":
+        from hearth.runtime.quiet import setup_output
+
+        setup_output(verbose=False)
+    _replica_grpc_on_loopback()
+
+
 def _replica_grpc_on_loopback() -> None:
     """Each Serve replica opens a gRPC port for calls from other deployments, on every interface
     ("[::]:0", no setting). On a Ray whose node address is loopback (the one `hearth serve`
@@ -112,7 +123,7 @@ class ChatModel(_EngineReplica):
     """One replica: one engine for one configured model."""
 
     def __init__(self, config: ModelConfig, chat_template: str | None):
-        _replica_grpc_on_loopback()
+        _replica_start()
         from .model_service import ModelService
 
         self.svc = ModelService(config, chat_template=chat_template)
@@ -143,7 +154,7 @@ class ChatModel(_EngineReplica):
 @serve.deployment
 class EmbeddingModel:
     def __init__(self, config: EmbeddingConfig):
-        _replica_grpc_on_loopback()
+        _replica_start()
         from .embeddings import EmbeddingService
 
         self.svc = EmbeddingService(config.name, path=config.path, device=config.device,
@@ -212,7 +223,7 @@ class Agents:
     """RAG indexes and agent runs, composed with the chat deployments through their handles."""
 
     async def __init__(self, config: ServeConfig, chat: dict[str, Any]):
-        _replica_grpc_on_loopback()
+        _replica_start()
         from .agents_service import AgentService
 
         router = Router()
@@ -293,7 +304,7 @@ class Ingress:
     """The FastAPI app of app.py, its clients being the model deployments' handles."""
 
     async def __init__(self, config: ServeConfig, chat: dict[str, Any], embeddings: dict[str, Any], agents=None):
-        _replica_grpc_on_loopback()
+        _replica_start()
         from .app import build_app
 
         router = Router()
@@ -322,7 +333,7 @@ class ServedModel(_EngineReplica):
 
     async def __init__(self, config: ServeConfig, model: ModelConfig, chat_template: str | None,
                        embeddings: dict[str, Any]):
-        _replica_grpc_on_loopback()
+        _replica_start()
         from .app import build_app
         from .model_service import ModelService
 
@@ -570,9 +581,48 @@ def init_ray(config: ServeConfig, address: str | None = None) -> None:
     _haproxy_dir = env.get("RAY_SERVE_HAPROXY_SERVER_STATE_BASE")  # HAProxy's folder, when it is used
     os.environ.update(env)  # the processes Ray starts inherit this environment
     need = sum(m.num_cpus * m.replicas for m in config.models) + sum(e.num_cpus for e in config.embeddings)
+    if os.environ.get("HEARTH_QUIET") == "1":  # Ray's notice that its token authentication is on, as
+        # a new local Ray has it by default (an explicit RAY_AUTH_MODE=token would not create the token)
+        logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(_NOT_TOKEN_NOTICE)
     with _one_machine():
         ray.init(num_cpus=max(os.cpu_count() or 1, int(need + 0.999)), include_dashboard=False,
                  logging_level=logging.WARNING, configure_logging=False)
+    if os.environ.get("HEARTH_QUIET") == "1":
+        _drop_worker_lines(ONE_MACHINE_NOISE)
+
+
+# lines Ray's processes print that are wrong or idle on the one-machine Ray `hearth serve` starts:
+# the controller's advice for HAProxy on other nodes (there are none; Ray stays on loopback by design)
+# and, at shutdown, the raylet's notes that calls to the Serve controller it just stopped will be retried
+ONE_MACHINE_NOISE = ("won't accept connections from HAProxy on other nodes",
+                     "The actor is dead because it was killed by `ray.kill`")
+
+
+def _drop_worker_lines(needles: tuple[str, ...]) -> bool:
+    """Ray copies its workers' output to this driver's terminal; leave out the lines that contain
+    one of `needles`. Ray offers no setting for it: this wraps its printing handler (once), and does
+    nothing (returns False) on a Ray that has none under the expected name."""
+    try:
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+    except ImportError:
+        return False
+    with dispatcher._lock:
+        handlers = dispatcher.handlers
+        for i, (name, handle) in enumerate(handlers):
+            if name != "ray_print_logs":
+                continue
+            if getattr(handle, "hearth_filtered", False):
+                return True
+
+            def filtered(data, _handle=handle):
+                lines = [ln for ln in data.get("lines", ()) if not any(n in ln for n in needles)]
+                if lines:
+                    _handle({**data, "lines": lines})
+
+            filtered.hearth_filtered = True
+            handlers[i] = (name, filtered)
+            return True
+    return False
 
 
 def _one_machine():
@@ -588,6 +638,22 @@ def _one_machine():
                              os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") != "0")
 
 
+class _NotTokenNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Token authentication is enabled for this Ray cluster")
+
+
+_NOT_TOKEN_NOTICE = _NotTokenNotice()
+
+
+class _BelowWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING
+
+
+_BELOW_WARNING = _BelowWarning()
+
+
 def deploy(config: ServeConfig, verbose: bool = False):
     """Deploy the application; returns once every replica is up. Serve's own INFO lines (controller,
     proxy, one per request) are hidden unless verbose; warnings and errors still show."""
@@ -598,6 +664,10 @@ def deploy(config: ServeConfig, verbose: bool = False):
     from ray.serve.schema import LoggingConfig
 
     logs = None if verbose else LoggingConfig(log_level="WARNING", enable_access_log=False)
+    if not verbose:  # this driver's own Serve lines ("Started Serve", "Application ... is ready")
+        serve_log = logging.getLogger("ray.serve")
+        if _BELOW_WARNING not in serve_log.filters:
+            serve_log.addFilter(_BELOW_WARNING)
     serve.start(http_options=HTTPOptions(host=host, port=config.port, request_timeout_s=None), logging_config=logs)
     return serve.run(build(config), name=APP_NAME, route_prefix="/", blocking=False, logging_config=logs)
 
