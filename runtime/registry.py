@@ -223,13 +223,25 @@ def resolve_model(name_or_path: str | os.PathLike, prefer: str = "gguf") -> Path
         if entries:
             problems = "; ".join(f"{e.variant}: {e.error}" for e in entries)
             raise ModelLoadError(f"model {name!r} is in the cache but cannot be loaded ({problems})")
-        known = sorted({e.name for e in list_models()} | {DEFAULT_MODEL})
-        raise ModelNotFoundError(f"unknown model {name!r}; available: {', '.join(known)} "
-                                 f"(see `hearth models list`), or give a path to a checkpoint")
+        raise ModelNotFoundError(unknown_model_message(name))
     wanted = PREFER_FORMATS[prefer]
     # The canonical variant folder ("gguf" / "hf") wins over other folders of the same format.
     usable.sort(key=lambda e: (e.format != wanted, e.variant != prefer, e.variant))
     return usable[0].path
+
+
+def unknown_model_message(name: str) -> str:
+    """What to tell someone who named a model that is not in the cache: how to pull it, if the catalog has it."""
+    from .catalog import catalog_names  # the catalog builds on this module
+
+    pullable = catalog_names()
+    if name in pullable:
+        return f"model {name!r} is in the catalog but not pulled yet; run `hearth models pull {name}`"
+    known = sorted({e.name for e in list_models() if e.error is None} | {DEFAULT_MODEL})
+    more = [n for n in pullable if n not in known]
+    return (f"unknown model {name!r}; available: {', '.join(known)} (see `hearth models list`)"
+            + (f"; to fetch: {', '.join(more)} (`hearth models pull NAME`)" if more else "")
+            + ", or give a path to a checkpoint")
 
 
 # ----------------------------------------------------------------------------- the default model
