@@ -255,8 +255,36 @@ def _answer(value: Any, path: Path, line: int, key: str) -> str:
     return _text(value, path, line, key)
 
 
+MAX_RANKED_RESPONSES = 16  # K of one ranking: it expands into K(K-1)/2 pairs
+
+
+def _ranking(rec: dict, prompt: list[dict[str, str]], key: str, p: Path, line: int) -> list[PreferencePair]:
+    """The pairs of one ranking of K responses, as InstructGPT expands them: every two responses of
+    different rank, the better one chosen. `responses` is best first, unless `ranks` (1 = best, ties
+    allowed) gives each one's place."""
+    responses = rec["responses"]
+    if not isinstance(responses, list) or not 2 <= len(responses) <= MAX_RANKED_RESPONSES:
+        raise TrainingDataError(p, line, "responses", f"must be a list of 2 to {MAX_RANKED_RESPONSES} answers")
+    texts = [_answer(r, p, line, f"responses[{i}]") for i, r in enumerate(responses)]
+    ranks = rec.get("ranks", list(range(1, len(texts) + 1)))
+    if (not isinstance(ranks, list) or len(ranks) != len(texts)
+            or not all(isinstance(r, int) and not isinstance(r, bool) and r >= 1 for r in ranks)):
+        raise TrainingDataError(p, line, "ranks", f"must be {len(texts)} integers >= 1 (1 = best), one per response")
+    if len(set(texts)) != len(texts):
+        raise TrainingDataError(p, line, "responses", "holds the same text twice")
+    meta = {k: v for k, v in rec.items() if k not in (key, "responses", "ranks")}
+    meta["ranking_size"] = len(texts)
+    pairs = [PreferencePair(prompt, texts[i], texts[j], f"{p}:{line}", dict(meta))
+             for i in range(len(texts)) for j in range(len(texts)) if ranks[i] < ranks[j]]
+    if not pairs:
+        raise TrainingDataError(p, line, "ranks", "ranks every response the same: no pair to learn from")
+    return pairs
+
+
 def load_preferences(path: str | os.PathLike) -> list[PreferencePair]:
-    """Preference pairs: {"prompt" (string or messages) | "messages", "chosen", "rejected"}."""
+    """Preference pairs: {"prompt" (string or messages) | "messages", "chosen", "rejected"}, or a ranking of
+    K responses {"prompt", "responses": [best, ..., worst]} (or with "ranks": [1 = best, ...]), expanded
+    into its pairs (they share one `source`, so that a split keeps a ranking on one side)."""
     p = Path(path)
     pairs = []
     for line, rec in _records(p):
@@ -270,9 +298,14 @@ def load_preferences(path: str | os.PathLike) -> list[PreferencePair]:
         else:
             prompt = _messages(rec[key], p, line, key)
             _check_turns(prompt, p, line, key, "user")
+        if "responses" in rec:
+            if "chosen" in rec or "rejected" in rec:
+                raise TrainingDataError(p, line, "responses", "give either a ranking or chosen/rejected, not both")
+            pairs.extend(_ranking(rec, prompt, key, p, line))
+            continue
         for k in ("chosen", "rejected"):
             if k not in rec:
-                raise TrainingDataError(p, line, k, "is missing")
+                raise TrainingDataError(p, line, k, "is missing (or give a ranking: `responses`)")
         chosen, rejected = _answer(rec["chosen"], p, line, "chosen"), _answer(rec["rejected"], p, line, "rejected")
         if chosen == rejected:
             raise TrainingDataError(p, line, "rejected", "is the same text as `chosen`")

@@ -1,5 +1,7 @@
 """Reward model: a causal LM with a one-number head, trained on (prompt, chosen, rejected) pairs with the
-pairwise ranking loss -log σ(r_chosen − r_rejected) (TRL's RewardTrainer), LoRA optional.
+pairwise ranking loss -log σ(r_chosen − r_rejected) (TRL's RewardTrainer), LoRA optional. The data may
+also rank K answers to a prompt (`responses`, best first, or with `ranks`): as in InstructGPT, each
+ranking gives its K(K-1)/2 pairs, and the held-out split keeps a ranking's pairs together.
 
     hearth train rm --config training/recipes/rm.yaml
     hearth train rm --config training/recipes/rm.yaml --resume max_steps=120
@@ -27,6 +29,7 @@ from hearth.training.trl_support import (attach, check_config, checkpoint_bridge
                                          split_pairs, trainer_args)
 
 BUNDLED_PREFERENCES = Path(__file__).parent / "data" / "preferences.jsonl"
+BUNDLED_RANKINGS = Path(__file__).parent / "data" / "rankings.jsonl"  # rankings of 4 answers, best first
 
 
 @dataclass
@@ -38,7 +41,8 @@ class Config:
     model: str = "smollm2-135m-instruct"
     """A causal LM checkpoint dir or a registered model name; its LM head is replaced by a 1-output score head."""
     data: str = "training/data/preferences.jsonl"
-    """Preference JSONL: prompt (text or chat messages), chosen, rejected."""
+    """Preference JSONL: prompt (text or chat messages) with chosen and rejected, or with `responses` ranked
+    best first (optional `ranks`, 1 = best), expanded into every pair of different rank."""
     eval_fraction: float = 0.2
     """Share of the pairs held out (picked by `seed`) to report pairwise accuracy on unseen pairs."""
     max_steps: int = 60

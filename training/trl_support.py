@@ -74,16 +74,27 @@ def load_pairs(path: str | Path) -> list[dict[str, Any]]:
 
     return [{"prompt": [dict(m) for m in p.prompt],
              "chosen": [{"role": "assistant", "content": p.chosen}],
-             "rejected": [{"role": "assistant", "content": p.rejected}]}
+             "rejected": [{"role": "assistant", "content": p.rejected}], GROUP: p.source}
             for p in load_preferences(path)]
 
 
+GROUP = "_group"  # the record a pair came from: the pairs of one ranking share it
+
+
 def split_pairs(pairs: list[dict[str, Any]], eval_fraction: float, seed: int) -> tuple[list, list]:
-    """(train, held-out): a seeded `eval_fraction` of the pairs held out (data.split_eval)."""
+    """(train, held-out): a seeded `eval_fraction` of the source records held out (data.split_eval), so
+    the pairs of one ranking stay on one side; the pairs come back without their group key."""
     from hearth.training.data import split_eval
 
-    train_idx, held_idx = split_eval(len(pairs), eval_fraction, seed)
-    return [pairs[i] for i in train_idx], [pairs[i] for i in held_idx]
+    groups = list(dict.fromkeys(p.get(GROUP, i) for i, p in enumerate(pairs)))
+    train_idx, held_idx = split_eval(len(groups), eval_fraction, seed)
+    held = {groups[i] for i in held_idx}
+
+    def strip(p: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in p.items() if k != GROUP}
+
+    return ([strip(p) for i, p in enumerate(pairs) if p.get(GROUP, i) not in held],
+            [strip(p) for i, p in enumerate(pairs) if p.get(GROUP, i) in held])
 
 
 def load_tokenizer(path: str | Path):

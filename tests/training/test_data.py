@@ -272,3 +272,31 @@ def test_epoch_order_depends_only_on_seed_and_epoch():
     train, held = split_eval(20, 0.1, seed=3)
     assert len(held) == 2 and sorted(train + held) == list(range(20)) and split_eval(20, 0.1, 3) == (train, held)
     assert split_eval(20, 0.0, 3) == (list(range(20)), [])
+
+
+def test_a_ranking_of_k_responses_expands_into_its_pairs_best_first(tmp_path):
+    path = _jsonl(tmp_path, [
+        {"prompt": "Best city?", "responses": ["a", "b", "c", "d"], "topic": "x"},
+        {"prompt": "q2", "responses": ["w", "x", "y"], "ranks": [2, 1, 2]},  # x best, w and y tied
+    ])
+    pairs = load_preferences(path)
+    first = [(p.chosen, p.rejected) for p in pairs if p.prompt[0]["content"] == "Best city?"]
+    assert first == [("a", "b"), ("a", "c"), ("a", "d"), ("b", "c"), ("b", "d"), ("c", "d")]  # K(K-1)/2
+    assert {p.source for p in pairs[:6]} == {f"{path}:1"} and pairs[0].metadata == {"topic": "x", "ranking_size": 4}
+    assert [(p.chosen, p.rejected) for p in pairs[6:]] == [("x", "w"), ("x", "y")]  # a tie is no pair
+
+
+@pytest.mark.parametrize("record, field", [
+    ({"prompt": "q", "responses": ["only one"]}, "responses"),
+    ({"prompt": "q", "responses": "a b"}, "responses"),
+    ({"prompt": "q", "responses": ["a", "a"]}, "responses"),
+    ({"prompt": "q", "responses": ["a", "b"], "ranks": [1]}, "ranks"),
+    ({"prompt": "q", "responses": ["a", "b"], "ranks": [0, 1]}, "ranks"),
+    ({"prompt": "q", "responses": ["a", "b"], "ranks": [1, 1]}, "ranks"),
+    ({"prompt": "q", "responses": ["a", {"role": "user", "content": "b"}]}, "responses[1].role"),
+    ({"prompt": "q", "responses": ["a", "b"], "chosen": "a", "rejected": "b"}, "responses"),
+])
+def test_bad_rankings_name_the_field(tmp_path, record, field):
+    with pytest.raises(TrainingDataError) as e:
+        load_preferences(_jsonl(tmp_path, [record]))
+    assert (e.value.line, e.value.field) == (1, field)

@@ -48,6 +48,35 @@ def test_the_reward_model_learns_its_training_pairs(trained):
     assert (trained / "loss.png").stat().st_size > 0
 
 
+def test_a_ranking_stays_on_one_side_of_the_held_out_split():
+    pairs = rm.load_pairs(rm.BUNDLED_RANKINGS)
+    assert len(pairs) == 16 * 6  # 16 rankings of 4 responses
+    train, held = rm.split_pairs(pairs, 0.25, seed=0)
+    assert len(held) == 4 * 6 and len(train) + len(held) == len(pairs)
+    prompts = {json.dumps(p["prompt"]) for p in held}
+    assert len(prompts) == 4 and not prompts & {json.dumps(p["prompt"]) for p in train}
+    assert all(set(p) == {"prompt", "chosen", "rejected"} for p in train + held)
+
+
+def test_a_reward_model_trained_on_rankings_orders_their_responses(tiny_llama, tmp_path):
+    out = tmp_path / "rm-rankings"
+    cfg = rm.Config(output_dir=str(out), model=str(tiny_llama), data="training/data/rankings.jsonl", method="full",
+                    max_steps=40, batch_size=8, learning_rate=1e-3, save_every=40, eval_fraction=0.0)
+    rm.run(cfg)
+    scorer = rm.RewardModel.load(out, device="cpu")
+    concordant = pairs = top = 0
+    rankings = [json.loads(line) for line in rm.BUNDLED_RANKINGS.read_text().splitlines()]
+    for r in rankings:
+        prompt = [{"role": "user", "content": r["prompt"]}]
+        s = scorer.score_chats([prompt + [{"role": "assistant", "content": x}] for x in r["responses"]])
+        concordant += sum(s[i] > s[j] for i in range(len(s)) for j in range(i + 1, len(s)))
+        pairs += len(s) * (len(s) - 1) // 2
+        top += max(range(len(s)), key=s.__getitem__) == 0
+    # the responses of each ranking come out in its order (pairwise), and its best one on top
+    assert concordant / pairs > 0.9 and top >= 0.8 * len(rankings), (concordant, pairs, top)
+    assert read_manifest(out).metrics["train_pairs"] == 16 * 6
+
+
 def test_training_changes_the_weights_and_the_manifest_names_the_parent(trained, tiny_llama):
     before, after = _weights(tiny_llama), _weights(trained)
     key = "model.layers.0.self_attn.q_proj.weight"
