@@ -38,6 +38,7 @@ import json
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from typing import Any, AsyncIterator
@@ -672,9 +673,24 @@ def deploy(config: ServeConfig, verbose: bool = False):
     return serve.run(build(config), name=APP_NAME, route_prefix="/", blocking=False, logging_config=logs)
 
 
+def cluster_problem(config: ServeConfig) -> str | None:
+    """Why the replicas that must start cannot all be placed on the cluster (serve/placement.py), or
+    None; a note when autoscaling's maximum would not fit is logged."""
+    from .placement import check_fits, headroom
+
+    nodes = ray.nodes()
+    note = headroom(config, nodes)
+    if note:
+        log.warning(note)
+    return check_fits(config, nodes, ray.available_resources())
+
+
 def start(config: ServeConfig, address: str | None = None):
     """Start (or join) Ray and deploy; returns once every replica is up."""
     init_ray(config, address)
+    problem = cluster_problem(config)
+    if problem:
+        raise RuntimeError(problem)
     return deploy(config)
 
 
@@ -722,6 +738,12 @@ def run(config: ServeConfig, address: str | None = None, verbose: bool = False) 
         stop_event.set()
 
     init_ray(config, address)
+    problem = cluster_problem(config)
+    if problem:
+        print(f"hearth: error: {problem}", file=sys.stderr, flush=True)
+        ray.shutdown()
+        _reap_haproxy()
+        return 2
     # after ray.init, which installs handlers of its own; a signal while deploying stops once it is up
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
