@@ -2,6 +2,7 @@
 
     hearth plan llama-3-8b --device rtx3090 --context 8192 --concurrency 4 --quant int4
     hearth plan path/to/checkpoint --device cpu --context 2048 --concurrency 2 --json
+    hearth plan --cluster auto --config models.yaml     # where each replica would go on a Ray cluster
 
 Exit status 0 when the plan fits, 1 when it does not (so scripts can branch on it).
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -19,7 +21,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "plan", help="estimate memory (weights, KV cache, activations) and whether it fits a device",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", metavar="MODEL",
+    p.add_argument("model", metavar="MODEL", nargs="?",
                    help=f"HF checkpoint dir, GGUF file, a cached model name (`hearth models list`), "
                         f"or a preset: {', '.join(PRESETS)}")
     p.add_argument("--device", choices=list(DEVICES), default="cpu")
@@ -31,7 +33,32 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="override the device's memory, in GiB (default: the device's, or total RAM on cpu)")
     p.add_argument("--prefill-chunk", type=int, default=512, help="tokens per prefill step (default 512)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.add_argument("--cluster", metavar="ADDRESS", default=None,
+                   help="instead of a model: place the replicas of --config on the Ray cluster at ADDRESS "
+                        "(`auto`: the cluster of this node), as `hearth serve --address` would")
+    p.add_argument("--config", default=None, help="models.yaml for --cluster (default: the bundled models)")
     p.set_defaults(func=run)
+
+
+def run_cluster(args: argparse.Namespace) -> int:
+    import logging
+
+    import ray
+
+    from hearth.serve.config import load_config
+    from hearth.serve.placement import check_fits, describe, headroom
+
+    cfg = load_config(args.config)
+    ray.init(address=args.cluster, logging_level=logging.WARNING, log_to_driver=False)
+    try:
+        nodes = ray.nodes()
+        print(describe(cfg, nodes))
+        for note in (headroom(cfg, nodes), check_fits(cfg, nodes, ray.available_resources())):
+            if note:
+                print(note)
+        return 1 if check_fits(cfg, nodes, ray.available_resources()) else 0
+    finally:
+        ray.shutdown()
 
 
 def run(args: argparse.Namespace) -> int:
@@ -39,6 +66,11 @@ def run(args: argparse.Namespace) -> int:
     from hearth.runtime.planner import DEVICES, PRESETS, format_plan, plan, unknown_model_message
     from hearth.runtime.registry import list_models, looks_like_path, resolve_model
 
+    if args.cluster:
+        return run_cluster(args)
+    if not args.model:
+        print("hearth plan: error: give a MODEL (or --cluster ADDRESS)", file=sys.stderr)
+        return 2
     model = args.model
     if model.lower() not in PRESETS:
         # a path as given, or a cached model by name (its GGUF: metadata is all the planner needs)

@@ -79,3 +79,24 @@ def test_hearth_serve_asking_a_cpu_only_machine_for_a_gpu_exits_with_the_reason(
     assert "hearth: error: the Ray cluster cannot hold these deployments" in p.stderr
     assert "num_gpus: 0 for a CPU-only cluster" in p.stderr and "Traceback" not in p.stderr
     assert time.monotonic() - t0 < 120
+
+
+def test_hearth_plan_cluster_prints_the_placement_and_exits_1_when_it_does_not_fit(tmp_path, monkeypatch, capsys):
+    import ray
+
+    from hearth.clients.cli import main
+
+    nodes = _nodes((1, 0), (1, 0))
+    calls = []
+    monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
+    monkeypatch.setattr(ray, "nodes", lambda: nodes)
+    monkeypatch.setattr(ray, "available_resources", lambda: {"CPU": 2.0})
+    monkeypatch.setattr(ray, "shutdown", lambda: calls.append("shutdown"))
+    cfg = tmp_path / "models.yaml"
+    cfg.write_text("models:\n  - {name: m, replicas: 2}\nembeddings:\n  - {name: e}\n")
+    assert main(["plan", "--cluster", "auto", "--config", str(cfg)]) == 1
+    out = capsys.readouterr().out
+    assert "chat-m: 2 x 1 CPU -> node(s) 0, 1" in out and "does not fit: embed-e" in out
+    assert calls[0]["address"] == "auto" and calls[-1] == "shutdown"
+    cfg.write_text("models:\n  - {name: m, replicas: 2, num_cpus: 0.5}\nembeddings:\n  - {name: e}\n")
+    assert main(["plan", "--cluster", "auto", "--config", str(cfg)]) == 0
