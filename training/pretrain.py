@@ -29,6 +29,7 @@ from hearth.training.common import (MetricsLog, RunDir, TrainingConfigError, bun
                                     peak_memory_mb, pick_precision, plot_metrics, progress, publish, say,
                                     StepClock, stage_manifest, warmup_count)
 from hearth.training.data import load_texts, split_eval
+from hearth.training.mixture import PackedSource, effective_epochs, format_mixture, mixture_schedule  # noqa: F401
 
 TRAINER_STATE = "trainer_state.pt"
 
@@ -134,75 +135,7 @@ class Config:
 
 
 # ----------------------------------------------------------------------------- packing and mixing
-
-
-class PackedSource:
-    """One corpus as an endless token stream: in epoch e its documents in a seeded order, each followed by EOS.
-    Block i is tokens [i*L, (i+1)*L) of the stream: every block is full, nothing is dropped."""
-
-    def __init__(self, name: str, docs: list[list[int]], eos_id: int, block_size: int, seed: int):
-        if not docs:
-            raise ValueError(f"source {name!r} has no documents")
-        self.name, self.block_size, self.seed = name, block_size, seed
-        self.docs = [list(d) + [eos_id] for d in docs]
-        self.tokens = sum(len(d) for d in self.docs)
-        """Tokens in one epoch, EOS included."""
-        self._epochs: dict[int, list[int]] = {}
-
-    def epoch_stream(self, epoch: int) -> list[int]:
-        if epoch not in self._epochs:
-            order = list(range(len(self.docs)))
-            random.Random(f"hearth-pretrain:{self.seed}:{self.name}:{epoch}").shuffle(order)
-            if len(self._epochs) >= 2:  # blocks are read in order: the two newest epochs suffice
-                del self._epochs[min(self._epochs)]
-            self._epochs[epoch] = [t for i in order for t in self.docs[i]]
-        return self._epochs[epoch]
-
-    def block(self, index: int) -> list[int]:
-        out: list[int] = []
-        pos = index * self.block_size
-        while len(out) < self.block_size:
-            epoch, offset = divmod(pos + len(out), self.tokens)
-            out.extend(self.epoch_stream(epoch)[offset:offset + self.block_size - len(out)])
-        return out
-
-
-def mixture_schedule(weights: list[float], num_blocks: int, seed: int) -> list[tuple[int, int]]:
-    """(source, block index in that source) for training blocks 0..num_blocks-1. Each block is drawn at random
-    among the sources below their weighted share so far, with odds equal to how far below they are: the order
-    is random, yet at every point each source's count is within about one block of its share. The first n
-    entries do not depend on num_blocks, so a run extended on resume sees the same data up to where it stopped."""
-    total = sum(weights)
-    share = [w / total for w in weights]
-    counts = [0] * len(share)
-    rng = random.Random(f"hearth-mix:{seed}")
-    schedule = []
-    for t in range(num_blocks):
-        behind = [max(0.0, share[k] * (t + 1) - counts[k]) for k in range(len(share))]  # these sum to >= 1
-        s = rng.choices(range(len(share)), weights=behind)[0]
-        schedule.append((s, counts[s]))
-        counts[s] += 1
-    return schedule
-
-
-def effective_epochs(sources: list[PackedSource], schedule: list[tuple[int, int]]) -> dict[str, dict[str, float]]:
-    """Per source: tokens in it, tokens the schedule draws from it, and their ratio (GPT-3's 'epochs')."""
-    drawn = [0] * len(sources)
-    for s, _ in schedule:
-        drawn[s] += sources[s].block_size
-    return {src.name: {"tokens": src.tokens, "drawn": drawn[i], "epochs": round(drawn[i] / src.tokens, 3)}
-            for i, src in enumerate(sources)}
-
-
-def format_mixture(weights: list[float], table: dict[str, dict[str, float]]) -> str:
-    total = sum(weights)
-    rows = [["source", "weight", "tokens", "tokens drawn", "epochs"]]
-    for w, (name, r) in zip(weights, table.items()):
-        rows.append([name, f"{w / total:.3f}", str(r["tokens"]), str(r["drawn"]), f"{r['epochs']:.2f}"])
-    widths = [max(len(r[i]) for r in rows) for i in range(5)]
-    lines = ["  ".join(c.ljust(wd) if i == 0 else c.rjust(wd) for i, (c, wd) in enumerate(zip(r, widths)))
-             for r in rows]
-    return "\n".join([lines[0], "-" * len(lines[0])] + lines[1:])
+# (PackedSource, mixture_schedule and the epochs table live in training/mixture.py, shared with SFT)
 
 
 def eval_blocks(docs: list[list[int]], eos_id: int, block_size: int, limit: int) -> list[list[int]]:

@@ -7,7 +7,10 @@
         deepspeed=training/deepspeed/zero2.json                                    # multi-GPU, ZeRO
 
 Data: Alpaca/BELLE, OpenAI `messages` or ShareGPT `conversations` JSONL (hearth.training.data), rendered
-with the model's chat template. On one device a plain loop trains (AdamW, warmup + cosine, gradient
+with the model's chat template, as `data: [files]`, or as a mixture of `sources`, each with a share (`weight`)
+or a number of passes (`epochs`), chat sets beside plain-text corpora (`kind: text`) trained with the loss on
+every token, OPT-IML's way of keeping the pretrained skills (training/recipes/sft_mixture.yaml).
+On one device a plain loop trains (AdamW, warmup + cosine, gradient
 accumulation, autocast in bf16/fp16 where the GPU has it); with `deepspeed` set, transformers' Trainer
 runs the same data under DeepSpeed ZeRO (CUDA only).
 
@@ -34,12 +37,53 @@ from hearth.runtime.registry import DEFAULT_MODEL, resolve_model
 from .common import (MetricsLog, RunDir, TrainingConfigError, bundled, config_to_dict, gptqmodel_only_if_needed,
                      peak_memory_mb, pick_precision, plot_metrics, progress, publish, reset_peak_rss, say,
                      StepClock, stage_manifest, training_peak_mb, warmup_count)
-from .data import ChatCollator, epoch_order, load_chat_files, render_chats, split_eval
+from .data import ChatCollator, epoch_order, load_chat_files, load_chats, load_texts, render_chats, split_eval
+from .mixture import (ExampleSource, PackedSource, effective_epochs, format_mixture, mixture_counts,
+                      mixture_schedule)
 
 # every linear projection of a LLaMA-family decoder block (attention and MLP)
 LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TRAINABLE_FILE = "trainable.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
+
+
+DEFAULT_DATA = "training/data/instructions.jsonl"
+
+
+@dataclass
+class Source:
+    """One data set of an SFT mixture."""
+
+    path: str
+    """The file: chat records (kind chat) or a corpus (kind text: .txt documents separated by blank lines,
+    or .jsonl with a "text" field)."""
+    kind: Literal["chat", "text"] = "chat"
+    """chat: Alpaca/BELLE, messages or ShareGPT records, loss on the assistant tokens only. text: plain text
+    packed into language-model examples with the loss on every token (OPT-IML mixes pretraining text into
+    instruction tuning so the model keeps what it learned in pretraining)."""
+    weight: float | None = None
+    """Share of the examples drawn from this source. Beside sources with `epochs` it is a fraction of the
+    whole mixture (0.05: one example in twenty); when every source has a weight they are relative shares
+    (as pretrain's weights) of `epochs` passes over all the examples."""
+    epochs: float | None = None
+    """Passes over this source per run (0.5: half of it, 3: each example three times). A source with
+    neither weight nor epochs is taken `epochs` times (the run's field)."""
+    name: str | None = None
+    """Label in the mixture table and the metrics; the file name without suffix by default."""
+    block_size: int | None = None
+    """Text sources: tokens per language-model example, packed as pretraining packs (default max_length)."""
+
+    def __post_init__(self) -> None:
+        if self.weight is not None and self.epochs is not None:
+            raise ValueError(f"sources: {self.path}: give weight or epochs, not both")
+        for key in ("weight", "epochs"):
+            value = getattr(self, key)
+            if value is not None and not (value > 0 and math.isfinite(value)):
+                raise ValueError(f"sources: {self.path}: {key} must be a positive number; got {value}")
+        if self.block_size is not None and self.block_size < 2:
+            raise ValueError(f"sources: {self.path}: block_size must be >= 2; got {self.block_size}")
+        self.name = self.name or Path(self.path).stem
+        self.path = bundled(self.path)
 
 
 @dataclass
@@ -48,8 +92,12 @@ class Config:
 
     model: str = DEFAULT_MODEL
     """A registered model name or a checkpoint directory (HF safetensors layout)."""
-    data: list[str] = field(default_factory=lambda: ["training/data/instructions.jsonl"])
-    """Chat data files (JSONL or JSON arrays; Alpaca/BELLE, OpenAI messages, ShareGPT)."""
+    data: list[str] | None = None
+    """Chat data files (JSONL or JSON arrays; Alpaca/BELLE, OpenAI messages, ShareGPT), all taken `epochs`
+    times; default the bundled training/data/instructions.jsonl unless `sources` is given."""
+    sources: list[Source] | None = None
+    """A mixture instead of `data`: each source a path with a kind (chat, or text trained on every token)
+    and a weight or a number of epochs; see training/recipes/sft_mixture.yaml."""
     output_dir: str = "runs/sft"
     method: Literal["full", "lora", "qlora"] = "lora"
     lora_r: int = 16
@@ -89,9 +137,22 @@ class Config:
     transformers' Trainer under DeepSpeed. Needs CUDA."""
 
     def __post_init__(self) -> None:
-        if not self.data:
-            raise ValueError("data: give at least one data file")
-        self.data = [bundled(p) for p in self.data]
+        if self.data is not None and self.sources is not None:
+            raise ValueError("give data (files taken `epochs` times) or sources (a mixture), not both")
+        if self.sources is not None:
+            if not self.sources:
+                raise ValueError("sources: give at least one source")
+            names = [s.name for s in self.sources]
+            if len(set(names)) != len(names):
+                raise ValueError(f"sources: names must differ (give each a name); got {names}")
+            if all(s.kind == "text" for s in self.sources):
+                raise ValueError("sources: give at least one chat source (use `hearth train pretrain` for text alone)")
+        else:
+            if self.data is None:
+                self.data = [DEFAULT_DATA]
+            if not self.data:
+                raise ValueError("data: give at least one data file")
+            self.data = [bundled(p) for p in self.data]
         for name in ("lora_r", "lora_alpha", "epochs", "batch_size", "gradient_accumulation_steps", "max_length",
                      "save_every",
                      "keep_checkpoints"):
@@ -295,6 +356,71 @@ def _report(metrics: dict[str, Any]) -> None:
     say(f"done: {metrics.get('train_tokens_per_s', 0):.1f} training tokens/s; peak memory (MB): {mem}")
 
 
+# ----------------------------------------------------------------------------- mixtures
+
+
+class MixtureRows:
+    """The training examples of a `sources` mixture in training order: item k is (input_ids, labels) of the
+    k-th scheduled draw. Chat rows carry labels on assistant tokens only; text blocks carry labels on every
+    token. Items are built when asked for, so a long run never holds its whole schedule's tensors."""
+
+    def __init__(self, sources: list[Any], kinds: list[str], schedule: list[tuple[int, int]], steps: int,
+                 eval_rows: list[tuple[list[int], list[int]]]):
+        self.sources, self.kinds, self.schedule, self.steps, self.eval_rows = sources, kinds, schedule, steps, eval_rows
+        self.counts = [0] * len(sources)
+        for s, _ in schedule:
+            self.counts[s] += 1
+        self.table = {name: dict(row, kind=kind) for (name, row), kind in
+                      zip(effective_epochs(sources, schedule).items(), kinds)}
+        """Per source: kind, examples drawn (items), tokens in it, tokens drawn, effective epochs."""
+
+    def __len__(self) -> int:
+        return len(self.schedule)
+
+    def __getitem__(self, k: int) -> tuple[list[int], list[int]]:
+        s, i = self.schedule[k]
+        item = self.sources[s].item(i)
+        return (item, list(item)) if self.kinds[s] == "text" else item
+
+
+def mixture_rows(cfg: Config, tokenizer: Any) -> MixtureRows:
+    """The `sources` of `cfg` rendered, held out (chat sources, eval_fraction) and scheduled: each source's
+    examples per run from its weight or epochs (hearth.training.mixture.mixture_counts), interleaved by
+    mixture_schedule over the run's steps, every micro-batch full."""
+    built, kinds, sizes, eval_rows = [], [], [], []
+    for i, src in enumerate(cfg.sources or []):
+        path = Path(src.path)
+        if not path.is_file():
+            raise TrainingConfigError(f"sources[{i}].path: no file at {src.path}")
+        if src.kind == "text":
+            if tokenizer.eos_token_id is None:
+                raise TrainingConfigError("model: its tokenizer has no eos_token to separate text documents")
+            ids = tokenizer(load_texts(path), add_special_tokens=False)["input_ids"]
+            built.append(PackedSource(src.name, ids, tokenizer.eos_token_id, src.block_size or cfg.max_length,
+                                      cfg.seed))
+        else:
+            rows = render_chats(tokenizer, load_chats(path), cfg.max_length)
+            if not rows:
+                raise TrainingConfigError(f"sources[{i}]: no example of {src.path} fits max_length={cfg.max_length}")
+            train_idx, eval_idx = split_eval(len(rows), cfg.eval_fraction, cfg.seed)
+            eval_rows += [rows[j] for j in eval_idx]
+            built.append(ExampleSource(src.name, [rows[j] for j in train_idx], cfg.seed))
+        kinds.append(src.kind)
+        sizes.append(built[-1].size)
+    weighted_only = all(s.weight is not None for s in cfg.sources or [])
+    epochs = [s.epochs if s.epochs is not None or s.weight is not None else float(cfg.epochs)
+              for s in cfg.sources or []]
+    try:
+        counts = mixture_counts(sizes, [s.weight for s in cfg.sources or []], epochs)
+    except ValueError as e:
+        raise TrainingConfigError(str(e)) from None
+    if weighted_only:
+        counts = [c * cfg.epochs for c in counts]
+    per_step = cfg.batch_size * cfg.gradient_accumulation_steps
+    steps = cfg.max_steps or max(1, math.ceil(sum(counts) / per_step))
+    return MixtureRows(built, kinds, mixture_schedule(counts, steps * per_step, cfg.seed), steps, eval_rows)
+
+
 # ----------------------------------------------------------------------------- the run
 
 
@@ -310,7 +436,7 @@ def _run(config: Config, resume: bool) -> Path:
 
     cfg = config
     base = resolve_model(cfg.model, prefer="hf")
-    data_files = [Path(p) for p in cfg.data]
+    data_files = [Path(s.path) for s in cfg.sources] if cfg.sources is not None else [Path(p) for p in cfg.data]
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if cfg.deepspeed and not device.startswith("cuda"):
         raise TrainingConfigError(f"deepspeed: {cfg.deepspeed} needs CUDA GPUs and none is available; "
@@ -325,13 +451,20 @@ def _run(config: Config, resume: bool) -> Path:
     if not tokenizer.chat_template:  # render, and ship, the template the runtime assumes for such models
         say(f"{base} has no chat template; training with ChatML")
         tokenizer.chat_template = DEFAULT_CHATML_TEMPLATE
-    rows = render_chats(tokenizer, load_chat_files(data_files), cfg.max_length)
-    if not rows:
-        raise TrainingConfigError(f"data: no example fits max_length={cfg.max_length}")
-    train_idx, eval_idx = split_eval(len(rows), cfg.eval_fraction, cfg.seed)
-    train_rows, eval_rows = [rows[i] for i in train_idx], [rows[i] for i in eval_idx]
+    mixture = None
+    if cfg.sources is not None:
+        mixture = mixture_rows(cfg, tokenizer)
+        train_rows, eval_rows, total = mixture, mixture.eval_rows, mixture.steps
+        print(format_mixture(mixture.counts, mixture.table), flush=True)
+    else:
+        rows = render_chats(tokenizer, load_chat_files(data_files), cfg.max_length)
+        if not rows:
+            raise TrainingConfigError(f"data: no example fits max_length={cfg.max_length}")
+        train_idx, eval_idx = split_eval(len(rows), cfg.eval_fraction, cfg.seed)
+        train_rows, eval_rows = [rows[i] for i in train_idx], [rows[i] for i in eval_idx]
+        total = cfg.max_steps or math.ceil(cfg.epochs * math.ceil(len(train_rows) / cfg.batch_size)
+                                           / cfg.gradient_accumulation_steps)
     micro_per_epoch = math.ceil(len(train_rows) / cfg.batch_size)
-    total = cfg.max_steps or math.ceil(cfg.epochs * micro_per_epoch / cfg.gradient_accumulation_steps)
     say(f"{cfg.method} fine-tuning of {cfg.model} on {len(train_rows)} examples ({len(eval_rows)} held out), "
         f"{total} steps, {precision} on {device}")
 
@@ -371,6 +504,8 @@ def _run(config: Config, resume: bool) -> Path:
     orders: dict[int, list[int]] = {}
 
     def micro_batch(m: int):
+        if mixture is not None:  # the mixture is already in training order
+            return collate([mixture[k] for k in range(m * cfg.batch_size, (m + 1) * cfg.batch_size)])
         # micro-batch m of the whole run: its epoch's seeded order, sliced; resume recomputes the same
         epoch, b = divmod(m, micro_per_epoch)
         if epoch not in orders:
@@ -430,6 +565,8 @@ def _run(config: Config, resume: bool) -> Path:
                                "trainable_params": sum(p.numel() for p in params.values())}
     if eval_loss is not None:
         metrics["eval_loss"] = eval_loss
+    if mixture is not None:
+        metrics["mixture"] = mixture.table
     if cfg.method == "full":
         def save_full(d: Path) -> None:
             model.save_pretrained(d, safe_serialization=True)
