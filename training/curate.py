@@ -32,13 +32,14 @@ import hashlib
 import json
 import math
 import re
+import sys
 import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from .common import TrainingConfigError, TrainingDataError, atomic_write_text, bundled, progress, say
+from .common import TrainingConfigError, TrainingDataError, atomic_write_text, bundled, progress
 from .data import _records, load_chats, load_preferences, load_texts
 from .pretrain import _checkpoint_dir
 
@@ -52,6 +53,10 @@ RULE_DOCS = {
     "perplexity": "the reference model's perplexity above the threshold",
 }
 SCORES_FILE = "perplexity_scores.jsonl"
+
+
+def say(msg: str) -> None:
+    print(f"curate: {msg}", file=sys.stderr, flush=True)
 
 
 @dataclass
@@ -140,6 +145,7 @@ class Record:
 
     file: int
     line: int
+    """Where it starts: the line of a JSONL record or JSON array element, the number of a .txt document."""
     raw: Any
     text: str
     dropped: str | None = None
@@ -179,10 +185,14 @@ def read_input(path: Path, index: int) -> tuple[str, bool, list[Record]]:
     if isinstance(first, dict) and "text" in first:
         docs = load_texts(path)
         return "text", as_array, [Record(index, n, rec, d) for (n, rec), d in zip(raws, docs)]
-    if isinstance(first, dict) and "chosen" in first and "rejected" in first:
-        pairs = load_preferences(path)
-        texts = ["\n".join([m["content"] for m in p.prompt] + [p.chosen, p.rejected]) for p in pairs]
-        return "preference", as_array, [Record(index, n, rec, t) for (n, rec), t in zip(raws, texts)]
+    if isinstance(first, dict) and ("chosen" in first and "rejected" in first or "responses" in first):
+        # a ranking of K answers expands into several pairs: its text is the prompt and each answer once
+        parts: dict[int, list[str]] = {}
+        for pair in load_preferences(path):
+            line = int(pair.source.rpartition(":")[2])
+            texts = parts.setdefault(line, [m["content"] for m in pair.prompt])
+            texts += [a for a in (pair.chosen, pair.rejected) if a not in texts]
+        return "preference", as_array, [Record(index, n, rec, "\n".join(parts[n])) for n, rec in raws]
     chats = load_chats(path)
     texts = ["\n".join(m["content"] for m in c.messages) for c in chats]
     return "chat", as_array, [Record(index, n, rec, t) for (n, rec), t in zip(raws, texts)]
@@ -321,7 +331,8 @@ def perplexities(texts: list[str], model_name: str, max_tokens: int, batch_size:
         if tok.pad_token_id is None:
             tok.pad_token = tok.eos_token
         device = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-        model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, dtype="auto").to(device).eval()
+        dtype = "auto" if device.startswith("cuda") else torch.float32  # bf16 matmuls are slow on most CPUs
+        model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, dtype=dtype).to(device).eval()
         if cache is not None and not known:
             atomic_write_text(cache, json.dumps({"key": key}) + "\n")
         bar = progress(len(todo), "perplexity", unit="record")

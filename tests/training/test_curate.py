@@ -159,6 +159,19 @@ def test_kept_records_come_out_unchanged_in_their_own_format(inputs, tmp_path):
     assert len(load_chats(out / "chat.jsonl")) == len(kept) and len(load_texts(out / "corpus.txt")) == 2
 
 
+def test_rankings_of_k_answers_count_as_one_record_each(tmp_path):
+    lines = (ROOT / "training" / "data" / "rankings.jsonl").read_text().splitlines()
+    data = tmp_path / "rankings.jsonl"
+    data.write_text("\n".join(lines + [lines[2]]) + "\n")  # one ranking twice
+    res = curate.run(curate.Config(data=[str(data)], output_dir=str(tmp_path / "out"),
+                                   **dict(ALL_OFF, exact_dedup=True), examples=5))
+    assert (res.total, res.kept, res.dropped["exact_duplicate"]) == (len(lines) + 1, len(lines), 1)
+    assert res.outputs[0].read_text().splitlines() == [json.dumps(json.loads(x), ensure_ascii=False) for x in lines]
+    report = json.loads(res.report_json.read_text())
+    assert report["files"][0]["kind"] == "preference"
+    assert report["rules"]["exact_duplicate"]["examples"][0]["where"] == f"rankings.jsonl:{len(lines) + 1}"
+
+
 def test_near_duplicates_need_the_threshold_and_unrelated_texts_never_match():
     texts = [LONG, LONG_EDITED, "A completely different sentence about trains and timetables in winter.",
              LONG.replace("fishermen", "sailors")]
