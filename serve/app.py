@@ -32,6 +32,7 @@ from .config import ServeConfig
 from .deps import AUTH, current_agents
 from .edge import Drain, Edge
 from .metrics import Metrics
+from .rewards import RewardModels
 from .router import Router
 
 
@@ -62,6 +63,7 @@ def build_app(config: ServeConfig, router: Router | None = None) -> FastAPI:
     if config.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=config.cors_origins, allow_methods=["*"],
                            allow_headers=["*"])
+    state.rewards = RewardModels(config.reward_models, config.base_dir)
     state.responses = responses.ResponseStore(config.responses_store_max, config.responses_store_max_bytes)
     for r in (models_routes.public, models_routes.router, chat.router, completions.router,
               embeddings_routes.router, responses.router, tokenize_routes.router):

@@ -41,11 +41,17 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     client, info = chat_model(request.app, body, "chat.completions")
     limits.check_chat(body, request.app.state.config, info.max_model_len)
     check_stream_options(body)
+    if body.reasoning is not None and body.best_of_n is not None:
+        raise invalid("reasoning and best_of_n are two ways to answer: give one", "best_of_n")
     if body.reasoning is not None:
         return await agents_routes.reasoning_chat(current_agents(request.app), body, include_usage(body))
     cites = None
     if body.rag is not None:
         body, cites = await agents_routes.rag_chat_messages(current_agents(request.app), body)
+    best = None
+    if body.best_of_n is not None:
+        best = _check_best_of_n(body, request.app.state.rewards)
+        body = body.model_copy(update={"n": best.n})
     try:
         plan = plan_chat(body, info)
     except HearthError as e:
@@ -58,8 +64,34 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
             chunks = prepend(agents_routes.citations_chunk(plan.request.request_id, body.model, cites), chunks)
         return sse_response(chunks, runs)
     resp = await until_done(request, complete(runs[0], plan, body.model), runs)
+    if best is not None:
+        resp = await _pick_best(resp, body, best, request.app.state.rewards)
     if cites is not None:
         resp["citations"] = cites
+    return resp
+
+
+def _check_best_of_n(body: ChatCompletionRequest, rewards) -> Any:
+    """The `best_of_n` extension's 400s, before anything is generated."""
+    if body.stream:
+        raise invalid("best_of_n does not stream: every answer is scored before one is returned", "best_of_n")
+    if (body.n or 1) != 1:
+        raise invalid("best_of_n returns one answer; leave n unset", "n")
+    if body.tools and body.tool_choice != "none":
+        raise invalid("best_of_n scores text answers; it cannot be combined with tools", "best_of_n")
+    if body.logprobs:
+        raise invalid("best_of_n cannot be combined with logprobs", "logprobs")
+    return rewards.check(body.best_of_n)
+
+
+async def _pick_best(resp: dict, body: ChatCompletionRequest, best, rewards) -> dict:
+    """Score each sampled answer after the conversation; keep the highest as the one choice."""
+    prompt = [_message_dict(m) for m in body.messages]
+    answers = [c["message"]["content"] or "" for c in resp["choices"]]
+    scores = await rewards.score(best.name, [prompt + [{"role": "assistant", "content": a}] for a in answers])
+    k = max(range(len(scores)), key=scores.__getitem__)
+    resp["choices"] = [{**resp["choices"][k], "index": 0}]
+    resp["best_of_n"] = {"reward_model": best.name, "n": best.n, "scores": scores, "chosen": k}
     return resp
 
 

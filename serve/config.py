@@ -176,6 +176,28 @@ class EmbeddingConfig:
 
 
 @dataclass
+class RewardModelConfig:
+    """A reward model (a `hearth train rm` checkpoint) for the chat extension `"best_of_n"`: n answers
+    are sampled and the one it scores highest is returned (the LaMDA pattern). Loaded on first use, in
+    the process that serves chat."""
+
+    name: str
+    """What requests name in `best_of_n.reward_model`."""
+    path: str
+    """The checkpoint folder (relative to models.yaml's folder, or absolute)."""
+    max_length: int = 2048
+    """Tokens of a scored conversation; a longer one keeps its end (the answer)."""
+    max_n: int = 8
+    """The most answers one request may ask to be sampled and scored."""
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.name, str) and self.name.strip() != "", "reward_models: name must be a non-empty string")
+        _check(isinstance(self.path, str) and self.path.strip() != "", "reward_models: path must be a non-empty string")
+        _check(isinstance(self.max_length, int) and self.max_length >= 16, "reward_models: max_length must be >= 16")
+        _check(isinstance(self.max_n, int) and 2 <= self.max_n <= 64, "reward_models: max_n must be in [2, 64]")
+
+
+@dataclass
 class AgentsConfig:
     """Retrieval indexes and agent runs (`/v1/rag/...`, `/v1/agents/runs`, the chat `rag` and `reasoning`
     extensions)."""
@@ -226,6 +248,8 @@ class ServeConfig:
     models: list[ModelConfig] = field(default_factory=lambda: [ModelConfig()])
     embeddings: list[EmbeddingConfig] = field(default_factory=lambda: [EmbeddingConfig()])
     agents: AgentsConfig = field(default_factory=AgentsConfig)
+    reward_models: list[RewardModelConfig] = field(default_factory=list)
+    """Reward models for `best_of_n` on chat requests (none by default)."""
     host: str = "127.0.0.1"
     port: int = 8000
     api_keys: list[str] = field(default_factory=list)
@@ -264,6 +288,10 @@ class ServeConfig:
                        for i, m in enumerate(self.models or [])]
         self.embeddings = [_build(EmbeddingConfig, e, f"embeddings[{i}]") if isinstance(e, dict) else e
                            for i, e in enumerate(self.embeddings or [])]
+        self.reward_models = [_build(RewardModelConfig, r, f"reward_models[{i}]") if isinstance(r, dict) else r
+                              for i, r in enumerate(self.reward_models or [])]
+        rm_names = [r.name for r in self.reward_models]
+        _check(len(set(rm_names)) == len(rm_names), "reward_models: names must be unique")
         if isinstance(self.agents, dict):
             self.agents = _build(AgentsConfig, self.agents, "agents")
         elif self.agents is None:

@@ -170,6 +170,15 @@ class ReasoningSpec(BaseModel):
     time_budget_s: float | None = Field(default=None, gt=0)
 
 
+class BestOfNSpec(BaseModel):
+    """hearth's chat extension `"best_of_n": {"n": 4, "reward_model": NAME}`: sample n answers, return the
+    one the reward model scores highest, with every score."""
+
+    model_config = _EXTRA
+    n: int = Field(ge=2, le=64)
+    reward_model: str | None = Field(default=None, min_length=1, max_length=256)
+
+
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
@@ -182,6 +191,7 @@ class ChatCompletionRequest(_SamplingFields):
     # hearth extensions (clients of other servers never send them)
     rag: RagSpec | None = None
     reasoning: ReasoningSpec | None = None
+    best_of_n: BestOfNSpec | None = None
 
 
 class CompletionRequest(_SamplingFields):

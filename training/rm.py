@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
+from hearth.runtime.reward import RewardScorer
 from hearth.training.common import (TrainingConfigError, bundled, config_to_dict, gptqmodel_only_if_needed,
                                     peak_memory_mb, pick_precision, plot_metrics, progress, say, stage_manifest)
 from hearth.training.trl_support import (attach, check_config, checkpoint_bridge, load_pairs, load_tokenizer,
@@ -82,42 +83,9 @@ class Config:
 # ----------------------------------------------------------------------------- scoring
 
 
-class RewardModel:
-    """A trained reward model: one scalar per text (higher is better)."""
-
-    def __init__(self, model, tokenizer, device: str = "cpu"):
-        self.model, self.tokenizer, self.device = model, tokenizer, device
-
-    @classmethod
-    def load(cls, path: str | Path, device: str = "auto") -> "RewardModel":
-        import torch
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        path = Path(path)
-        model = AutoModelForSequenceClassification.from_pretrained(path, local_files_only=True, use_safetensors=True,
-                                                                   dtype=torch.float32)
-        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        return cls(model.to(device).eval(), tok, device)
-
-    def score(self, texts: Sequence[str], batch_size: int = 8) -> list[float]:
-        """Rewards of already-rendered texts (a chat must be rendered with the model's chat template first;
-        `score_chats` does that)."""
-        import torch
-
-        out: list[float] = []
-        for i in range(0, len(texts), batch_size):
-            enc = self.tokenizer(list(texts[i:i + batch_size]), return_tensors="pt", padding=True,
-                                 padding_side="right", add_special_tokens=False).to(self.device)
-            with torch.inference_mode():
-                out += self.model(**enc).logits[:, 0].float().tolist()  # (B,)
-        return out
-
-    def score_chats(self, conversations: Sequence[list[dict[str, str]]], batch_size: int = 8) -> list[float]:
-        """Rewards of whole conversations (the prompt messages followed by the assistant's answer)."""
-        texts = [self.tokenizer.apply_chat_template(c, tokenize=False) for c in conversations]
-        return self.score(texts, batch_size)
+class RewardModel(RewardScorer):
+    """A trained reward model: one scalar per conversation (higher is better); runtime.reward.RewardScorer
+    loads and scores, this adds the pairwise accuracy the stage reports."""
 
     def pairwise_accuracy(self, pairs: Sequence[dict[str, Any]], label: str | None = None) -> float:
         """Share of pairs where chosen outscores rejected (pairs in `load_pairs` form); with `label`, a
