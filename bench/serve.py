@@ -86,7 +86,8 @@ class Settings:
     max_queued_requests: int = 256
     warmup_requests: int = 2
     warmup_tokens: int = 8
-    request_timeout_s: float = 120.0
+    request_timeout_s: float = 600.0
+    """The server's default deadline (serve/config.py): 32 streams on a busy machine take minutes."""
     level_timeout_s: float = 600.0
     startup_timeout_s: dict = field(default_factory=lambda: {"no-ray": 180.0, "ray": 300.0, LLAMA: 120.0})
     stop_timeout_s: float = 60.0

@@ -143,3 +143,13 @@ def test_tiny_llama_server_phase(tmp_path):
     finally:
         engine.shutdown()
     assert res["levels"][0]["prompt_tokens"] == hearth_tokens
+
+
+def test_server_gets_its_default_deadline():
+    """With the bench's former 120 s deadline, 32 streams on a busy machine all ended in errors."""
+    from hearth.serve.config import ServeConfig
+
+    bench = load_bench()
+    s = bench.Settings()
+    assert s.request_timeout_s == ServeConfig().request_timeout_s
+    assert f"request_timeout_s: {s.request_timeout_s}" in s.models_yaml()
