@@ -23,6 +23,7 @@ metrics.jsonl, loss.png and checkpoints/step-N for --resume.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -99,7 +100,16 @@ class Config:
     """A mixture instead of `data`: each source a path with a kind (chat, or text trained on every token)
     and a weight or a number of epochs; see training/recipes/sft_mixture.yaml."""
     output_dir: str = "runs/sft"
-    method: Literal["full", "lora", "qlora"] = "lora"
+    method: Literal["full", "lora", "qlora", "dora", "ia3", "prefix", "ptuning_v2", "prompt", "ptuning"] = "lora"
+    """full: every weight; lora / qlora (on an NF4 base) / dora (LoRA with weight decomposition): low-rank
+    adapters; ia3: learned scalings of keys, values and the MLP; prefix (= ptuning_v2, ChatGLM's P-tuning
+    v2): trained key/value prefixes in every layer; prompt: trained virtual input tokens; ptuning: virtual
+    tokens from a small prompt encoder (P-tuning v1). The first five merge into the weights; prefix,
+    prompt and ptuning stay adapters (they add tokens, not weight changes)."""
+    num_virtual_tokens: int = 20
+    """prefix / ptuning_v2 / prompt / ptuning: how many virtual tokens are trained."""
+    ia3_target_modules: list[str] = field(default_factory=lambda: ["k_proj", "v_proj", "down_proj"])
+    """ia3: the modules whose outputs (inputs, for down_proj) get a learned scaling."""
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.05
@@ -170,8 +180,16 @@ class Config:
             raise ValueError(f"learning_rate must be > 0; got {self.learning_rate}")
         if self.warmup_steps < 0 or self.weight_decay < 0 or self.max_grad_norm < 0:
             raise ValueError("warmup_steps, weight_decay and max_grad_norm must be >= 0")
-        if self.method != "full" and not self.lora_target_modules:
+        if self.method in ("lora", "qlora", "dora") and not self.lora_target_modules:
             raise ValueError("lora_target_modules: LoRA needs at least one module name")
+        if self.method == "ia3" and not self.ia3_target_modules:
+            raise ValueError("ia3_target_modules: IA3 needs at least one module name")
+        if not 1 <= self.num_virtual_tokens <= 512:
+            raise ValueError(f"num_virtual_tokens must be in [1, 512]; got {self.num_virtual_tokens}")
+
+
+# methods whose trained parameters fold into the base weights (merge_and_unload); the others add tokens
+MERGEABLE = ("lora", "qlora", "dora", "ia3")
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -211,7 +229,7 @@ def _load_model(cfg: Config, base: Path, device: str, precision: str):
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return model
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import get_peft_model, prepare_model_for_kbit_training
 
     if cfg.method == "qlora":
         model = prepare_model_for_kbit_training(
@@ -219,12 +237,30 @@ def _load_model(cfg: Config, base: Path, device: str, precision: str):
             gradient_checkpointing_kwargs={"use_reentrant": False})
     elif cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=list(cfg.lora_target_modules), bias="none", task_type="CAUSAL_LM")
     try:
-        return get_peft_model(model, lora)
+        return get_peft_model(model, _peft_config(cfg))
     except ValueError as e:  # peft: none of the target modules exist in this model
-        raise TrainingConfigError(f"lora_target_modules {cfg.lora_target_modules}: {e}") from None
+        field_name = "ia3_target_modules" if cfg.method == "ia3" else "lora_target_modules"
+        raise TrainingConfigError(f"{field_name} {getattr(cfg, field_name)}: {e}") from None
+
+
+def _peft_config(cfg: Config):
+    """peft's config for the method (everything but full)."""
+    import peft
+
+    if cfg.method in ("lora", "qlora", "dora"):
+        return peft.LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                               target_modules=list(cfg.lora_target_modules), bias="none", task_type="CAUSAL_LM",
+                               use_dora=cfg.method == "dora")
+    if cfg.method == "ia3":
+        mlp = [m for m in cfg.ia3_target_modules if m in ("down_proj", "fc2", "w2", "dense_4h_to_h")]
+        return peft.IA3Config(target_modules=list(cfg.ia3_target_modules), feedforward_modules=mlp,
+                              task_type="CAUSAL_LM")
+    if cfg.method in ("prefix", "ptuning_v2"):
+        return peft.PrefixTuningConfig(num_virtual_tokens=cfg.num_virtual_tokens, task_type="CAUSAL_LM")
+    if cfg.method == "prompt":
+        return peft.PromptTuningConfig(num_virtual_tokens=cfg.num_virtual_tokens, task_type="CAUSAL_LM")
+    return peft.PromptEncoderConfig(num_virtual_tokens=cfg.num_virtual_tokens, task_type="CAUSAL_LM")  # ptuning
 
 
 def _lr_at(step: int, total: int, cfg: Config) -> float:
@@ -241,6 +277,7 @@ def _token_loss(model, batch: dict[str, Any]):
     import torch.nn.functional as F
 
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
+    logits = logits[:, -batch["input_ids"].size(1):]  # prompt / ptuning put their virtual tokens first
     labels = batch["labels"][:, 1:]  # (B, T-1): token t+1 is predicted at position t
     loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.size(-1)), labels.reshape(-1),
                            ignore_index=-100, reduction="sum")
@@ -306,10 +343,13 @@ def _load_checkpoint(path: Path, model, opt, scaler) -> None:
 
 def merge_adapter(base: Path, adapter_dir: Path, qlora: bool):
     """Base + adapter folded into plain weights, in the base's dtype on CPU. For QLoRA each quantized
-    linear is first rounded through NF4 exactly as training saw it, so the merge computes what was trained."""
+    linear is first rounded through NF4 exactly as training saw it, so the merge computes what was trained.
+    A prefix / prompt / P-tuning adapter cannot be folded in: TrainingConfigError names its method."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
+
+    check_mergeable(adapter_dir)
 
     kw: dict[str, Any] = {"local_files_only": True, "use_safetensors": True}
     model = AutoModelForCausalLM.from_pretrained(base, dtype="auto", **kw)
@@ -329,6 +369,19 @@ def merge_adapter(base: Path, adapter_dir: Path, qlora: bool):
     return PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
 
 
+def check_mergeable(adapter_dir: Path) -> None:
+    """TrainingConfigError when the peft adapter in `adapter_dir` adds virtual tokens (prefix tuning,
+    P-tuning, prompt tuning) instead of weight changes, so no merged checkpoint can hold it."""
+    try:
+        kind = str(json.loads((Path(adapter_dir) / "adapter_config.json").read_text()).get("peft_type", ""))
+    except (OSError, ValueError):
+        return  # peft itself reports a broken adapter
+    if kind.upper() in ("PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING"):
+        raise TrainingConfigError(f"a {kind} adapter adds virtual tokens and cannot be merged into weights; "
+                                  "load it with peft (PeftModel.from_pretrained on its base), or train with "
+                                  f"a mergeable method: {', '.join(MERGEABLE)}")
+
+
 def _publish(cfg: Config, run: RunDir, base: Path, tokenizer, data_files: list[Path], metrics: dict[str, Any],
              save_full=None, save_adapter=None) -> Path:
     """The final model into output_dir: full weights (save_full(dir)) or the adapter (save_adapter(dir))
@@ -339,7 +392,10 @@ def _publish(cfg: Config, run: RunDir, base: Path, tokenizer, data_files: list[P
             save_full(tmp)
         else:
             save_adapter(tmp / "adapter")
-            if cfg.merge:
+            if cfg.merge and cfg.method not in MERGEABLE:
+                say(f"method {cfg.method} adds virtual tokens and cannot be merged into the weights: the output "
+                    "is the adapter (adapter/), loaded on its base through peft")
+            elif cfg.merge:
                 say("merging the adapter into the base weights")
                 merged = merge_adapter(base, tmp / "adapter", cfg.method == "qlora")
                 merged.save_pretrained(tmp, safe_serialization=True)

@@ -291,3 +291,37 @@ def test_lora_steps_on_the_default_model_from_the_recipe(tmp_path, capsys):
         assert backend.config.model_type == "llama" and backend.tokenizer.chat_template
     finally:
         backend.close()
+
+
+# ----------------------------------------------------------------------------- PEFT beyond LoRA
+
+
+@pytest.mark.parametrize("method", ["dora", "ia3", "prefix", "prompt", "ptuning"])
+def test_every_peft_method_trains_and_the_mergeable_ones_merge_to_what_they_compute(method, tiny_llama, qa_data,
+                                                                                   tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = run(_cfg(tiny_llama, qa_data, tmp_path / method, method=method, learning_rate=3e-2, max_steps=12,
+                   save_every=12, num_virtual_tokens=8))
+    losses = _losses(out)
+    assert losses[-1] < losses[0], losses  # it learns
+    assert read_manifest(out).method == f"sft-{method}"
+    peft_type = json.loads((out / "adapter" / "adapter_config.json").read_text())["peft_type"]
+    assert peft_type == {"dora": "LORA", "ia3": "IA3", "prefix": "PREFIX_TUNING", "prompt": "PROMPT_TUNING",
+                         "ptuning": "P_TUNING"}[method]
+    ids = torch.tensor([[1, 40, 41, 42, 43, 44, 45, 46]])
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+    base_logits = _logits(base, ids)
+    live = PeftModel.from_pretrained(base, out / "adapter").eval()
+    live_logits = _logits(live, ids)[:, -ids.size(1):]
+    assert (live_logits - base_logits).abs().max() > 1e-3  # the adapter changes the model
+    if method in ("dora", "ia3"):
+        merged = AutoModelForCausalLM.from_pretrained(out).eval()
+        assert torch.allclose(_logits(merged, ids), live_logits, atol=1e-4)
+    else:  # virtual tokens cannot become weights: the output is the adapter alone, and a merge says why
+        assert not (out / "model.safetensors").exists()
+        from hearth.training.sft import merge_adapter
+
+        with pytest.raises(TrainingConfigError, match="virtual tokens"):
+            merge_adapter(tiny_llama, out / "adapter", qlora=False)
