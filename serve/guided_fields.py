@@ -9,6 +9,10 @@ A grammar (guided_grammar, structured_outputs.grammar, grammar) may be llguidanc
 (`root ::= ...`, as llama.cpp and vLLM's xgrammar take it); GBNF is converted to Lark. At most one
 of these fields per request: two are a 400 naming both. A bad spec is a 400 naming its field,
 checked here before the request reaches the engine.
+
+A JSON schema's objects take only the properties they list unless they say `additionalProperties`
+(llama.cpp's and xgrammar's reading): open, a small model copies the schema, or keeps inventing keys,
+until max_tokens (`hearth bench structured`, bench/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -72,8 +76,9 @@ def _response_format(rf: Any) -> GuidedDecoding:
     spec = rf.json_schema
     if spec is None or spec.schema_ is None:
         raise invalid("response_format json_schema needs json_schema.schema", "response_format")
-    # OpenAI's strict mode: objects take no properties beyond those listed, unless they say so
-    return GuidedDecoding("json_schema", closed_objects(spec.schema_, bare=True) if spec.strict else spec.schema_)
+    # an object takes no properties beyond those it lists, unless it says so (as llama.cpp's and xgrammar's
+    # grammars read a schema); OpenAI's strict mode also closes objects that list none
+    return GuidedDecoding("json_schema", closed_objects(spec.schema_, bare=bool(spec.strict)))
 
 
 def _structured(so: dict) -> tuple[GuidedDecoding, str]:
@@ -101,7 +106,7 @@ def _guided(kind: str, value: Any, field: str) -> GuidedDecoding:
             if not isinstance(value, dict):
                 raise invalid(f"{field} must be a JSON schema object", field)
             _cap(json.dumps(value), field)
-            return GuidedDecoding("json_schema", value)
+            return GuidedDecoding("json_schema", closed_objects(value))
         if kind == "choice":
             if not isinstance(value, list) or not value or not all(isinstance(c, str) and c for c in value):
                 raise invalid(f"{field} must be a non-empty list of non-empty strings", field)
