@@ -30,9 +30,20 @@ from .types import GuidedDecoding
 
 log = logging.getLogger("hearth.guided")
 
-JSON_DEFAULTS = {"whitespace_flexible": False}
-"""Compact JSON (',' and ':' with no whitespace): a small model cannot loop on whitespace forever.
-A schema may still opt in to flexible whitespace through its own "x-guidance" options."""
+JSON_STYLES = {
+    "compact": {"whitespace_flexible": False},
+    "spaced": {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "},
+    "pretty": {"whitespace_flexible": False, "item_separator": ",", "key_separator": ": ",
+               "whitespace_pattern": r"\n[ \t]{0,20}"},
+}
+"""The ways of writing JSON a model learnt: compact, json.dumps' default (", " and ": "), and
+line-broken (": ", and any gap between tokens may be one newline and an indent of at most 20)."""
+JSON_STYLE: tuple[str, ...] = ("compact", "spaced", "pretty")
+"""The styles a JSON output may take: its first gap picks one, kept to the end of the document. Whitespace
+stays bounded (at most one newline and 20 indent characters in a row, and only between tokens: a model
+cannot loop on whitespace) and no space stands where the style has none (`"a" :`, `, ` in a line-broken
+document). A schema may still choose its own whitespace through its "x-guidance" options.
+`hearth bench structured` measures the choice (bench/RESULTS.md)."""
 CACHE_SIZE = 64
 """Compiled grammars kept per tokenizer (least recently used dropped first)."""
 
@@ -69,9 +80,9 @@ def grammar_text(guided: GuidedDecoding) -> str:
     try:
         if guided.kind == "json_schema":
             check_schema_has_values(guided.spec)
-            return LLMatcher.grammar_from_json_schema(guided.spec, defaults=JSON_DEFAULTS)
+            return LLMatcher.grammar_from_lark("start: " + lark_json(guided.spec))
         if guided.kind == "json_object":
-            return LLMatcher.grammar_from_json_schema({"type": "object"}, defaults=JSON_DEFAULTS)
+            return LLMatcher.grammar_from_lark("start: " + lark_json({"type": "object"}))
         if guided.kind == "regex":
             # JSON Schema (ECMAScript) classes, as in a schema's "pattern": \d and \w are ASCII
             # (Rust's Unicode \d lets a small model wander into exotic digits)
@@ -82,15 +93,20 @@ def grammar_text(guided: GuidedDecoding) -> str:
 
 
 def lark_json(schema: dict, json_format: dict | None = None) -> str:
-    """`%json{...}` for a Lark grammar, with the same compact-JSON defaults as a json_schema request
-    (a bare %json in Lark allows free whitespace, and a small model may emit newlines forever):
+    """A Lark expression for JSON under `schema`, in one of the JSON_STYLE styles (a bare %json in Lark
+    allows free whitespace, and a small model may emit newlines forever):
 
         GuidedDecoding("lark", f'start: "<tool_call>" {lark_json(schema)} "</tool_call>"')
 
-    json_format, when given, is the whole x-guidance format (the schema's own is ignored): serve's
-    tool-call grammars pass theirs, with the separators models write."""
-    options = {**JSON_DEFAULTS, **(schema.get("x-guidance") or {})} if json_format is None else json_format
-    return "%json " + json.dumps({**schema, "x-guidance": options})
+    json_format, when given, is the whole x-guidance format of a single %json (the schema's own is
+    ignored): serve's tool-call grammars pass theirs. A schema with its own "x-guidance" keeps it."""
+    if json_format is not None:
+        return "%json " + json.dumps({**schema, "x-guidance": json_format})
+    own = schema.get("x-guidance") if isinstance(schema, dict) else None
+    if own:
+        return "%json " + json.dumps({**schema, "x-guidance": {**JSON_STYLES["compact"], **own}})
+    options = [JSON_STYLES[name] for name in JSON_STYLE]
+    return "(" + " | ".join("%json " + json.dumps({**schema, "x-guidance": o}) for o in options) + ")"
 
 
 class GuidedMatcher:
