@@ -8,6 +8,7 @@
     hearth bench train --json out.json [--steps 4] [--methods full,lora,qlora]
     hearth bench edge --json out.json [--runs 3]
     hearth bench agents --json out.json [--url URL --model NAME] [--limit N] [--strategies plain,cot,...]
+    hearth bench structured --json out.json [--variants default,compact,server-ws,llama.cpp] [--seeds 1,2]
 
 The benchmarks are not part of the installed package: they are loaded from `bench/<name>.py` in
 the source tree beside this package (a git checkout or an editable install). Each one defines
@@ -44,6 +45,8 @@ BENCHMARKS = {
     "edge": ("edge.py", "`hearth edge` through a pseudo-terminal: start-to-first-token and peak RSS vs the targets"),
     "agents": ("agents.py", "word-problem accuracy of plain / CoT / self-consistency / calculator tool, and "
                             "tool-selection accuracy, per language"),
+    "structured": ("structured.py", "constrained JSON (response_format json_schema and forced tool calls) on "
+                                    "LangChain-style schemas: valid and cut rates, tokens; hearth vs llama.cpp"),
 }
 
 
