@@ -30,8 +30,11 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Sequence
 
-import llama_cpp
-import numpy as np
+from .llamacpp_threads import apply_openmp_defaults
+
+apply_openmp_defaults()  # libgomp reads how its threads wait once, as llama_cpp loads it
+import llama_cpp  # noqa: E402
+import numpy as np  # noqa: E402
 
 from ..checkpoint import inspect_checkpoint
 from ..errors import HearthError, ModelLoadError, UnsupportedModelError

@@ -16,7 +16,10 @@ import ctypes
 import functools
 from typing import Sequence
 
-import llama_cpp
+from .llamacpp_threads import apply_openmp_defaults
+
+apply_openmp_defaults()  # libgomp reads how its threads wait once, as llama_cpp loads it
+import llama_cpp  # noqa: E402
 
 from ..errors import InvalidRequestError
 
