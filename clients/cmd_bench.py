@@ -1,6 +1,7 @@
 """`hearth bench`: the benchmarks in the repository's bench/ folder, run from the CLI.
 
     hearth bench engine --json out.json [--threads 2] [--quick] [--backends llamacpp,transformers]
+    hearth bench contention --json out.json [--variants hearth,libgomp-t2,t1] [--rounds 3] [--lib noomp=DIR]
     hearth bench serve --json out.json [--mode both|no-ray|ray] [--concurrency 1,4,16,32] [--max-tokens 64]
     hearth bench hangups --json out.json [--variants no-ray,ray,ray-splice,ray-python-proxy] [--streams 1,20]
     hearth bench hostile --json out.json [--layouts no-ray,ray] [--attacks special_prompt,slowloris,...]
@@ -33,6 +34,8 @@ from types import ModuleType
 BENCHMARKS = {
     "engine": ("engine.py", "engine vs raw llama-cpp-python / HF generate: decode, concurrency, prefix cache, "
                             "memory bandwidth"),
+    "contention": ("contention.py", "single-stream llama.cpp decode on a quiet CPU and beside a busy core, per "
+                                    "threading setting (OpenMP wait policy, thread count, ggml's threadpool)"),
     "serve": ("serve.py", "the OpenAI HTTP server (no-ray and Ray Serve) vs the in-process engine: tok/s, TTFT, "
                           "inter-token latency per concurrency level"),
     "hangups": ("hangups.py", "clients that leave mid-stream: how soon the server stops decoding for them, "
