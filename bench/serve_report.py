@@ -101,9 +101,10 @@ def _vs_llama(modes: dict[str, dict]) -> dict:
             if lrow is None:
                 continue
             per_round = [_ratio(h["tok_s"], l["tok_s"]) for h, l in zip(row["runs"], lrow["runs"])]
+            errors = sum(x["errors"] for x in row["runs"] + lrow["runs"])  # failed requests make no ratio
             out.setdefault(mode, {})[c] = {"tok_s": row["tok_s"], "llama_tok_s": lrow["tok_s"],
-                                           "ratio": _ratio(row["tok_s"], lrow["tok_s"]),
-                                           "ratio_min": min(per_round), "ratio_max": max(per_round)}
+                                           "ratio": _ratio(row["tok_s"], lrow["tok_s"]) if not errors else float("nan"),
+                                           "ratio_min": min(per_round), "ratio_max": max(per_round), "errors": errors}
     return out
 
 
@@ -245,10 +246,12 @@ def llama_table(results: dict) -> str:
             v = levels[c]
             h, l = rows.get((mode, int(c)), {}), rows.get((LLAMA, int(c)), {})
             ratio = _f(v["ratio"], 2)
-            if v["ratio_min"] != v["ratio_max"]:
+            if v["ratio_min"] != v["ratio_max"] and not v.get("errors"):
                 ratio += f" ({_f(v['ratio_min'], 2)}–{_f(v['ratio_max'], 2)})"
             goal = VS_LLAMA_TARGETS.get(int(c))
             verdict = "–" if goal is None else f"≥ {goal:g}: {'met' if v['ratio'] >= goal else 'MISSED'}"
+            if v.get("errors"):
+                verdict = f"{v['errors']} failed requests"
             lines.append("| " + " | ".join([
                 mode, str(c), _f(v["tok_s"]), _f(v["llama_tok_s"]), ratio,
                 *(f"{_f(h.get(k))} / {_f(l.get(k))}" for k in ("ttft_p50_ms", "itl_p50_ms", "server_cpu_ms_per_token")),

@@ -114,6 +114,12 @@ def test_report_has_a_llama_server_column_and_the_issue_targets():
     assert "[MISS] no-ray: hearth tok/s / llama-server tok/s at 8 streams: 0.850 (target >= 1)" in text
     assert "| HTTP, llama-server | 1 |" in report.markdown_table(results)  # beside hearth's rows too
 
+    # a level where hearth's requests failed has no ratio, and says why
+    results["phases"][1]["levels"][2].update(errors=8, ok=0, tokens=0, tok_s=0.0)
+    results["comparison"] = report.compare(results)
+    text = report.llama_table(results)
+    assert "| no-ray | 32 | 0.00 | 90.0 | – |" in text and "8 failed requests |" in text
+
 
 @pytest.mark.slow
 @pytest.mark.skipif(default_gguf() is None, reason="the bundled default model is not installed")
