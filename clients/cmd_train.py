@@ -24,7 +24,9 @@ STAGES = {
     "sft": "sft",
     "rm": "rm",
     "ppo": "ppo",
+    "rloo": "rloo",
     "dpo": "dpo",
+    "rlhf": "rlhf",
 }
 
 

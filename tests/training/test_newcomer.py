@@ -16,14 +16,14 @@ from pathlib import Path
 
 import pytest
 
-from hearth.training import dpo, eval as ev, ppo, pretrain, rm, sft, tokenizer
+from hearth.training import dpo, eval as ev, ppo, pretrain, rlhf, rloo, rm, sft, tokenizer
 from hearth.training.common import RunDir, TrainingConfigError, load_config, plot_panels
 from hearth.training.self_instruct import SelfInstructConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPES = ROOT / "training" / "recipes"
-STAGE_OF = {"dpo": dpo, "rm": rm, "ppo": ppo, "sft_lora": sft, "sft_full": sft, "sft_qlora": sft,
-            "pretrain_continue": pretrain, "pretrain_tiny": pretrain, "tokenizer_extend": tokenizer,
+STAGE_OF = {"dpo": dpo, "rm": rm, "ppo": ppo, "rloo": rloo, "rlhf": rlhf, "sft_lora": sft, "sft_full": sft,
+            "sft_qlora": sft, "pretrain_continue": pretrain, "pretrain_tiny": pretrain, "tokenizer_extend": tokenizer,
             "tokenizer_train": tokenizer}
 
 
@@ -32,8 +32,10 @@ def _data_paths(cfg) -> list[str]:
         return [s.path for s in cfg.sources]
     if isinstance(cfg, tokenizer.Config):
         return list(cfg.data) + list(cfg.compare.values())
-    if isinstance(cfg, ppo.Config):
+    if isinstance(cfg, (ppo.Config, rloo.Config)):
         return [cfg.prompts]
+    if isinstance(cfg, rlhf.Config):
+        return [cfg.preferences]
     return list(cfg.data) if isinstance(cfg.data, list) else [cfg.data]
 
 
@@ -95,11 +97,11 @@ def test_old_key_names_still_work_with_a_warning(tmp_path, capsys):
 def test_every_stage_speaks_one_vocabulary():
     from dataclasses import fields
 
-    for module in (sft, pretrain, dpo, rm, ppo):
+    for module in (sft, pretrain, dpo, rm, ppo, rloo):
         names = {f.name for f in fields(module.Config)}
         assert {"gradient_accumulation_steps", "save_every", "warmup_steps"} <= names, module.__name__
         assert not names & {"grad_accum", "save_steps", "warmup", "lora", "target_modules"}, module.__name__
-    for module in (sft, dpo, rm, ppo):
+    for module in (sft, dpo, rm, ppo, rloo):
         assert "method" in {f.name for f in fields(module.Config)}
 
 
