@@ -112,7 +112,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--limit", type=int, default=None, help="only the first N prompts")
     g.add_argument("--tokenize", default="auto", help="BLEU tokenizer: auto (zh for Chinese, else 13a) or a "
                                                       "sacrebleu name")
-    g.add_argument("--threads", type=int, default=None, help="CPU threads of a checkpoint served in-process")
     _verbose(g)
     g.set_defaults(func=run_gen)
 
@@ -238,7 +237,7 @@ def _served(target: dict, args: argparse.Namespace):
 
     from .local_serve import local_server
 
-    with local_server(target["model"], n_threads=getattr(args, "threads", None)) as (url, name, key):
+    with local_server(target["model"]) as (url, name, key):
         yield url, name, key, Path(target["model"]).name
 
 

@@ -4,9 +4,10 @@ a hosted API), so a checkpoint, its quantized artifact as served and a peer serv
     scorer = RemoteScorer("http://127.0.0.1:8000", "my-model", api_key=None, timeout_s=120, max_retries=3)
     probs, shots_used = scorer(question, shots)
 
-`logprobs` sends the prompt once per letter to /v1/completions with echo, logprobs and max_tokens 0 (what
-lm-eval-harness sends; hearth supports it) and reads the letter's log-probability: the same softmax over
-A/B/C/D that a checkpoint's logits give. A server that refuses that (chat-only APIs) is scored by
+`logprobs` asks /v1/completions for one token at temperature 0 with the top 20 logprobs and reads the four
+letters' log-probabilities there; when a letter is not among them, it sends the prompt once per letter with
+echo, logprobs and max_tokens 0 (what lm-eval-harness sends; hearth supports it) and reads the letter's
+tokens. Either way: the same softmax over A/B/C/D that a checkpoint's logits give. A server that refuses that (chat-only APIs) is scored by
 `generate`: the first letter it writes at temperature 0 counts as its answer.
 """
 
@@ -21,6 +22,8 @@ import numpy as np
 from .eval_openai import TeacherError, base_url
 
 LETTERS = ("A", "B", "C", "D")
+TOP_LOGPROBS = (20, 5)
+"""Next-token logprobs asked for: vLLM's usual cap, then OpenAI's legacy one (hearth's)."""
 _LETTER = re.compile(r"(?<![A-Za-z])([ABCD])(?![A-Za-z])")
 
 
@@ -38,11 +41,12 @@ def sync_client(url: str, api_key: str | None, timeout_s: float, max_retries: in
 
 
 def only_model(client) -> str:
-    """The one model a server lists (for a URL given without a model name)."""
+    """The one chat model a server lists (for a URL given without a model name); embedding models that
+    hearth lists beside it (type: embedding) do not count."""
     import openai
 
     try:
-        names = [m.id for m in client.models.list()]
+        names = [m.id for m in client.models.list() if getattr(m, "type", None) != "embedding"]
     except openai.APIError as e:
         raise TeacherError(f"{client.base_url}: cannot list its models ({type(e).__name__}); give --model-name") \
             from None
@@ -77,6 +81,9 @@ class RemoteScorer:
         self.client = sync_client(url, api_key, timeout_s, max_retries)
         self.model = model or only_model(self.client)
         self.auto = scoring == "auto"
+        self.top: tuple[int, ...] = TOP_LOGPROBS
+        self.echoed = 0
+        """Questions scored by the echo path (a letter was not among the next token's top logprobs)."""
         self.scoring = "generate" if scoring == "generate" else "logprobs"
         # the text a prompt ends with and the letter's prefix: " A" after "Answer:", "A" after "答案："
         self.cues = {False: AnswerTokens(" ", "", (0, 1, 2, 3)), True: AnswerTokens("", "", (0, 1, 2, 3))}
@@ -112,6 +119,33 @@ class RemoteScorer:
         self.scoring = "generate"
 
     def _logprobs(self, prompt: str, sep: str) -> np.ndarray:
+        x = self._next_token(prompt, sep)
+        if x is None:
+            self.echoed += 1
+            x = self._echo(prompt, sep)
+        e = np.exp(x - x.max())
+        return e / e.sum()
+
+    def _next_token(self, prompt: str, sep: str) -> np.ndarray | None:
+        """The letters' logprobs among the next token's top ones (one short request); None if one is missing."""
+        import openai
+
+        while True:
+            if not self.top:
+                return None
+            try:
+                resp = self.client.completions.create(model=self.model, prompt=prompt, max_tokens=1, temperature=0,
+                                                      logprobs=self.top[0])
+                break
+            except openai.BadRequestError:  # a server with a lower cap: the next one, at last echo alone
+                self.top = self.top[1:]
+        lp = resp.choices[0].logprobs if resp.choices else None
+        top = (lp.top_logprobs or [None])[0] if lp is not None else None
+        if not top or any(sep + L not in top for L in LETTERS):
+            return None
+        return np.asarray([top[sep + L] for L in LETTERS], dtype=np.float64)
+
+    def _echo(self, prompt: str, sep: str) -> np.ndarray:
         resp = self.client.completions.create(model=self.model, prompt=[prompt + sep + L for L in LETTERS],
                                               echo=True, logprobs=1, max_tokens=0, temperature=0)
         choices = sorted(resp.choices, key=lambda c: c.index)
@@ -127,9 +161,7 @@ class RemoteScorer:
             if any(v is None for v in lp.token_logprobs[k:]):
                 raise _NoLogprobs("a letter token without a logprob")
             totals.append(sum(lp.token_logprobs[k:]))
-        x = np.asarray(totals, dtype=np.float64)
-        e = np.exp(x - x.max())
-        return e / e.sum()
+        return np.asarray(totals, dtype=np.float64)
 
     def _generate(self, prompt: str) -> np.ndarray | None:
         import openai

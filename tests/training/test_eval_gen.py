@@ -102,3 +102,17 @@ def test_gen_with_no_server_fails_clearly(tmp_path, capsys):
         assert main(["eval", "gen", "--data", str(data), "--url", closed_port_url(), "--model-name", "m",
                      "--max-retries", "0"]) == 2
     assert "no prompt was answered" in capsys.readouterr().err
+
+
+def test_gen_against_a_checkpoint_serves_it_in_process(tiny_llama, tmp_path):
+    """`--model PATH`: the checkpoint is served by hearth on 127.0.0.1 for the run, then stopped."""
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in PAIRS[:2]), encoding="utf-8")
+    from hearth.clients.cli import main
+
+    out = tmp_path / "gen.json"
+    assert main(["eval", "gen", "--data", str(data), "--model", str(tiny_llama), "--max-tokens", "4",
+                 "--output", str(out)]) == 0
+    saved = json.loads(out.read_text(encoding="utf-8"))
+    assert saved["target"] == tiny_llama.name and saved["n"] == 2 and saved["errors"] == 0
+    assert all(r["answer"] is not None for r in saved["records"]) and 0 <= saved["bleu"] <= 100
