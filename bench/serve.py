@@ -470,12 +470,15 @@ class ServerProcess:
             cmd.append("--no-ray")
         return cmd
 
+    def environment(self) -> dict[str, str]:
+        return {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+
     def start(self) -> float:
         """Start and wait for GET /health == 200; returns the seconds that took."""
         import httpx
 
         cmd = self.command()
-        env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+        env = self.environment()
         t = time.perf_counter()
         with open(self.log_path, "w") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
@@ -580,6 +583,14 @@ class LlamaServerProcess(ServerProcess):
         return [self.s.llama_server, *self.s.llama_server_args(), "--host", "127.0.0.1", "--port", str(self.port),
                 "--api-key", self.key]
 
+    def environment(self) -> dict[str, str]:
+        """How hearth's llama.cpp threads wait (libgomp's spin count), unless the user chose: the same for both."""
+        from hearth.runtime.backends.llamacpp_threads import apply_openmp_defaults
+
+        env = dict(os.environ)
+        apply_openmp_defaults(env)
+        return env
+
     def scrape(self) -> dict[str, float]:
         return {}  # its /metrics has other names (and needs --metrics): no server-side latency column
 
@@ -592,6 +603,7 @@ def server_phase(mode: str, s: Settings, warm: list, levels: dict[int, list], wo
     try:
         if mode == LLAMA:
             res["command"] = shlex.join(srv.command()).replace(srv.key, "KEY")
+            res["openmp_env"] = {k: v for k, v in srv.environment().items() if k.startswith(("OMP_", "GOMP_"))}
         _say(f"{mode}: starting `{res.get('command', 'hearth serve')}` on {srv.url}")
         res["startup_s"] = srv.start()
         _say(f"{mode}: healthy after {res['startup_s']:.1f} s")

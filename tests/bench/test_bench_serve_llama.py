@@ -64,6 +64,14 @@ def test_llama_server_gets_hearths_settings(tmp_path, monkeypatch):
     cmd = srv.command()
     assert cmd[0] == fake and cmd[cmd.index("--host") + 1] == "127.0.0.1"
     assert cmd[cmd.index("--api-key") + 1] == srv.key
+    for var in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"):
+        monkeypatch.delenv(var, raising=False)
+    from hearth.runtime.backends.llamacpp_threads import OPENMP_DEFAULTS
+
+    env = srv.environment()  # llama.cpp's threads wait as hearth's do
+    assert all(env[k] == v for k, v in OPENMP_DEFAULTS.items())
+    monkeypatch.setenv("GOMP_SPINCOUNT", "300000")  # unless the user chose
+    assert srv.environment()["GOMP_SPINCOUNT"] == "300000"
     line = bench.command_line(s, "out.json", f"--llama-server {fake}")
     assert line.endswith(f"--llama-server {fake} --json out.json")
 
