@@ -2,6 +2,7 @@
 
     hearth bench train --json bench/train.json                # 4 steps per method, ~8 min on 2 cores
     python bench/train.py --steps 2 --methods lora,qlora
+    hearth bench train --ppo-vs-rloo --png bench/ppo_vs_rloo.png   # instead: bench/rlhf.py (PPO vs RLOO)
 
 Each method runs as its own `hearth train sft` process (so peak RSS is its own) from
 training/recipes/sft_lora.yaml with the same overrides: batch 4, no accumulation, max_length 256, no
@@ -23,16 +24,20 @@ import tempfile
 import time
 from pathlib import Path
 
-from hearth.clients.cmd_bench import output_problem, write_json
+from hearth.clients.cmd_bench import load_benchmark, output_problem, write_json
 
 REPO = Path(__file__).resolve().parents[1]
 METHODS = ("full", "lora", "qlora")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--steps", type=int, default=4, help="optimizer steps per method (default 4)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps per method (default 4; with "
+                   "--ppo-vs-rloo 30)")
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of full,lora,qlora")
     p.add_argument("--json", metavar="PATH", default=None, help="write every number to this JSON file")
+    p.add_argument("--ppo-vs-rloo", action="store_true",
+                   help="instead: PPO vs RLOO reward curves on a tiny task (bench/rlhf.py, with the options below)")
+    load_benchmark("rlhf.py").add_arguments(p, own=False)
 
 
 def _one(method: str, steps: int, out: Path) -> dict:
@@ -54,6 +59,10 @@ def _one(method: str, steps: int, out: Path) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.ppo_vs_rloo:
+        args.steps = args.steps or 30
+        return load_benchmark("rlhf.py").run(args)
+    args.steps = args.steps or 4
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     bad = sorted(set(methods) - set(METHODS))
     if bad:
