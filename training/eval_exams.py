@@ -20,7 +20,7 @@ import random
 from pathlib import Path
 from typing import Iterable
 
-from .common import TrainingConfigError, TrainingDataError
+from .common import TrainingConfigError, TrainingDataError, bundled_path
 
 LETTERS = ("A", "B", "C", "D")
 DATA_DIR = Path(__file__).resolve().parent / "data"
@@ -279,7 +279,7 @@ def detect_exam(data: str) -> tuple[str, Path | None]:
     folder told apart by its layout."""
     if data == "mmlu":
         return "mmlu", None
-    p = SAMPLES.get(data) or Path(data)
+    p = SAMPLES.get(data) or bundled_path(data)  # training/data/... from any folder
     if p.is_file():
         return ("mmlu" if p.name == "mmlu.jsonl" else "jsonl"), p
     if not p.is_dir():

@@ -223,3 +223,11 @@ def test_url_generate_fallback_reads_the_written_letter(tmp_path):
     right = sum(q.answer != 3 for q in qs if q.split == "test")
     assert res.accuracy == pytest.approx(right / 9)
     assert all(p.pred == "" and p.probs == {} for p in res.predictions if p.answer == "D")
+
+
+def test_samples_found_from_any_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # outside the checkout
+    from pathlib import Path
+
+    assert Path(MCConfig(model="m", data="training/data/ceval_sample").data).is_dir()
+    assert load_exam("training/data/cmmlu_sample")[0] == "cmmlu" and load_exam("ceval-sample")[0] == "ceval"
