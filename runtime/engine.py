@@ -291,7 +291,8 @@ class Engine:
             start, end = s.num_computed, s.num_computed + it.num_tokens
             all_logits = s.prompt_logprobs and s.state.prompt_lp is None
             work.append(SeqWork(s.seq_id, s.token_slice(start, end), start, all_logits=all_logits,
-                                need_logits=end == s.num_tokens or all_logits))
+                                need_logits=end == s.num_tokens or all_logits,
+                                alone=s.scoring and start == 0 and end == s.num_tokens))
         logits = self.backend.forward(work)
         self._totals.steps += 1
         rows, seqs = [], []

@@ -76,6 +76,10 @@ class BlockManager:
         self.hits += matched // bs
         return matched
 
+    def reuse_boundary(self, num_tokens: int) -> int:
+        """Whole blocks only, one token left to feed: what match_prefix gives a repeat of a prompt."""
+        return (num_tokens - 1) // self.block_size * self.block_size if self.prefix_cache else 0
+
     def allocate(self, seq_id: int, num_tokens: int) -> bool:
         table = self._seqs.setdefault(seq_id, _SeqTable())
         need = -(-num_tokens // self.block_size) - len(table.blocks)

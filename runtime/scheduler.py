@@ -5,6 +5,12 @@ is decoding, then prefill chunks (a long prompt is split over several steps so i
 streams already running), then new sequences in arrival order while KV memory admits their whole
 prompt. When a decoding sequence cannot grow, the most recently admitted one is preempted: its KV
 is freed and it is recomputed later, keeping the tokens it already produced.
+
+Two rules keep outputs reproducible. A prompt chunk never crosses the point where a repeat of the
+same prompt would resume from the prefix cache (`KVManager.reuse_boundary`), so the first run and
+its repeat compute the prompt's last chunk, and so its first sampled logits, alike. A scoring
+sequence (prompt logprobs, no output) takes its whole prompt in one step, which the backend
+computes alone, so its logprobs do not depend on what else runs.
 """
 
 from __future__ import annotations
@@ -46,6 +52,11 @@ class Sequence:
         if end <= p:
             return self.prompt_ids[start:end]
         return (self.prompt_ids[start:] if start < p else []) + self.output_ids[max(0, start - p):end - p]
+
+    @property
+    def scoring(self) -> bool:
+        """Prompt logprobs only (lm-eval's loglikelihood): computed alone, never from the cache."""
+        return self.prompt_logprobs and self.max_tokens == 0
 
     @property
     def prefilling(self) -> bool:
@@ -105,7 +116,7 @@ class Scheduler:
             if budget <= 0:
                 break
             if seq.prefilling:
-                n = min(seq.num_tokens - seq.num_computed, budget)
+                n = self._chunk(seq, budget)
                 items.append(ScheduledItem(seq, n))
                 budget -= n
         # 3) admit new sequences while the budget, the sequence cap and KV memory allow
@@ -129,12 +140,22 @@ class Scheduler:
                 seq.num_cached = matched
             seq.num_computed = matched
             self.running.append(seq)
-            n = min(seq.num_tokens - matched, budget)
+            n = self._chunk(seq, budget)
             items.append(ScheduledItem(seq, n))
             budget -= n
         for seq in reversed(skipped):
             self.waiting.appendleft(seq)
         return items
+
+    def _chunk(self, seq: Sequence, budget: int) -> int:
+        """Tokens to feed seq this step: up to the budget, but a scoring prompt whole, and never
+        across the prefix-cache reuse boundary of the prompt."""
+        end = seq.num_tokens if seq.scoring else min(seq.num_tokens, seq.num_computed + budget)
+        if self.prefix_cache and not seq.prompt_logprobs:
+            cut = self.kv.reuse_boundary(len(seq.prompt_ids))
+            if seq.num_computed < cut < end:
+                end = cut
+        return end - seq.num_computed
 
     def _preempt(self, seq: Sequence) -> None:
         self.num_preemptions += 1

@@ -57,6 +57,10 @@ class SeqWork:
     """Return logits for every fed token (prompt logprobs) instead of only the last."""
     need_logits: bool = True
     """False for a prefill chunk that does not end the prompt: no logits wanted at all."""
+    alone: bool = False
+    """A whole prompt from position 0 to score (prompt logprobs, no output): compute it as if nothing
+    else ran and the cache were empty, so its logits never depend on the batch or on cached KV. Its
+    KV need not stay in cache."""
 
 
 class KVManager(Protocol):
@@ -67,6 +71,11 @@ class KVManager(Protocol):
 
         Returns how many leading tokens need no recomputation (always < len(token_ids),
         so at least one token is fed and produces logits)."""
+
+    def reuse_boundary(self, num_tokens: int) -> int:
+        """How many leading tokens of a num_tokens-token prompt a repeat of it would take from the
+        cache (0: none, or no need to split). The scheduler ends a prefill chunk there, so a first
+        run and its repeats compute the prompt's last chunk in the same shape."""
 
     def allocate(self, seq_id: int, num_tokens: int) -> bool:
         """Make room so seq_id can hold num_tokens tokens in total. False (and no change) if memory is short."""

@@ -23,6 +23,7 @@ it). One thread drives a backend: forward and the KV calls are not meant to run 
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import weakref
@@ -82,7 +83,10 @@ def _init_llama() -> None:
         _initialized = True
 
 
-def _free_native(batch: llama_cpp.llama_batch, ctx: object, model: object) -> None:
+def _free_native(batch: llama_cpp.llama_batch, ctx: object, model: object, more: list) -> None:
+    for b, c in more:  # other contexts of the model (scoring), before the model
+        llama_cpp.llama_batch_free(b)
+        llama_cpp.llama_free(c)
     llama_cpp.llama_batch_free(batch)
     llama_cpp.llama_free(ctx)
     llama_cpp.llama_model_free(model)
@@ -156,12 +160,18 @@ class LlamaCppKV:
         self._retired: list[_Seq] = []  # released while others ran; dropped before cached ones
         self._by_lid: dict[int, _Seq] = {}
         self._free_lids = list(range(n_seq_max - 1, -1, -1))  # pop() gives low ids first
+        self.ctx: object | None = None
+        """The llama context (set by the backend): `_settle` saves and restores sequences through it."""
+        self._holes = False
+        self.num_settles = 0
 
     # ---- the KVManager contract ---------------------------------------------------------------
     def match_prefix(self, seq_id: int, token_ids: Sequence[int]) -> int:
         if not self.prefix_cache or len(token_ids) < 2:
             return 0
         seq = self._active.get(seq_id)
+        if seq is None:
+            self._settle()
         if seq is not None and seq.tokens:  # already holds KV: keep the part that still matches
             keep = min(_common_prefix(seq.tokens, token_ids), len(token_ids) - 1)
             self._truncate(seq, keep)
@@ -193,8 +203,16 @@ class LlamaCppKV:
             self._cached.move_to_end(best.lid)
         return reuse
 
+    def reuse_boundary(self, num_tokens: int) -> int:
+        """No split. A batch-invariant backend computes a row alike in any ubatch, so a repeat's lone
+        last token equals the first run's; without that mode splitting would not help: a lone token's
+        attention is split across threads by the size of the occupied KV, which a repeat changes."""
+        return 0
+
     def allocate(self, seq_id: int, num_tokens: int) -> bool:
         seq = self._active.get(seq_id)
+        if seq is None:
+            self._settle()
         need = num_tokens - (seq.reserved if seq else 0)
         if seq is not None and need <= 0:
             return True
@@ -344,6 +362,7 @@ class LlamaCppKV:
         """Forget KV from position `keep` on; with reserve, keep the room as its own cells."""
         reserved = seq.reserved
         llama_cpp.llama_memory_seq_rm(self._mem, seq.lid, keep, -1)
+        self._holes = True
         self._release(seq, keep)
         del seq.tokens[keep:]
         if reserve and reserved > keep:
@@ -360,6 +379,11 @@ class LlamaCppKV:
 
     def _drop(self, seq: _Seq) -> None:
         llama_cpp.llama_memory_seq_rm(self._mem, seq.lid, -1, -1)
+        self._holes = True
+        self._forget(seq)
+
+    def _forget(self, seq: _Seq) -> None:
+        """Bookkeeping of _drop, for KV already gone."""
         self._release(seq, 0)
         seq.tokens = []
         self._cached.pop(seq.lid, None)
@@ -367,6 +391,44 @@ class LlamaCppKV:
             self._retired.remove(seq)
         del self._by_lid[seq.lid]
         self._free_lids.append(seq.lid)
+
+    def _settle(self) -> None:
+        """With nothing active and holes left by released KV, rewrite the cached prefixes into cells
+        0.. in position order, most recent first (llama.cpp's sequence state save and restore), so
+        a new sequence's cells come after every cell it shares. llama.cpp fills holes first, even
+        before a shared prefix, and its CPU attention sums cells in cell order (fp16): a repeat of
+        a request would otherwise sum its prompt in another order than the first run and drift.
+        Restored prefixes no longer share cells: the most recent ones that fit the budget stay."""
+        if self._active or not self._holes or self.ctx is None:
+            return
+        self._holes = False
+        self.num_settles += 1
+        for seq in list(self._retired):
+            self._forget(seq)
+        keep, total = [], 0
+        for seq in reversed(self._cached.values()):
+            if not keep or total + len(seq.tokens) <= self.cache_budget:
+                keep.append(seq)
+                total += len(seq.tokens)
+        saved = []
+        for seq in keep:
+            size = llama_cpp.llama_state_seq_get_size(self.ctx, seq.lid)
+            buf = (ctypes.c_uint8 * size)()
+            if llama_cpp.llama_state_seq_get_data(self.ctx, buf, size, seq.lid) == size:
+                saved.append((seq, buf, size))
+        restored = set()
+        llama_cpp.llama_memory_clear(self._mem, False)
+        for seq, buf, size in saved:
+            if llama_cpp.llama_state_seq_set_data(self.ctx, buf, size, seq.lid) == size:
+                restored.add(seq.lid)
+        for seq in list(self._cached.values()):
+            if seq.lid in restored:
+                for r in seq.runs:
+                    r.holders.discard(seq.lid)
+                seq.runs = [_Run(0, len(seq.tokens), {seq.lid})]
+            else:
+                llama_cpp.llama_memory_seq_rm(self._mem, seq.lid, -1, -1)  # a failed restore leaves none
+                self._forget(seq)
 
     def _trim_cache(self) -> None:
         """Retire least recently used prefixes while they hold more than the budget of cells
@@ -396,31 +458,35 @@ class LlamaCppBackend:
     def __init__(self, model_path: str | os.PathLike, n_ctx: int = 4096, n_seq_max: int = 32,
                  n_threads: int | None = None, n_batch: int = 512, n_ubatch: int | None = None,
                  n_gpu_layers: int = 0,
-                 flash_attn: bool | None = None, kv_type: str = "f16", use_mmap: bool = True,
-                 prefix_cache: bool = True, batch_invariant: bool = False) -> None:
+                 flash_attn: bool | None = None, kv_type: str | None = None, use_mmap: bool = True,
+                 prefix_cache: bool = True, batch_invariant: bool = True) -> None:
         """n_ctx: KV cells shared by all sequences (capped by the model's trained context);
         n_seq_max: most sequences (active + cached prefixes) at once; n_threads: CPU threads
         (default: all cores); n_batch: most tokens per llama_decode; n_ubatch: tokens per compute
-        graph (default: 63 on CPU, see _FA_TILE_ROWS; n_batch with GPU layers); n_gpu_layers:
-        layers offloaded (-1: all); flash_attn: None lets llama.cpp decide (on CPU: on);
-        kv_type: "f16", "f32" or "q8_0"; prefix_cache: keep finished sequences for reuse;
-        batch_invariant: on CPU, make a sequence's logits independent of its batch company (off by
-        default, like vLLM and llama.cpp's server: it costs ~15% prefill speed and, for a lone
-        sequence, ~35% decode speed on the 135M default model; evaluation runs want it on)."""
+        graph (default n_batch; 63 for batch invariance with f16/f32 KV, see _FA_TILE_ROWS);
+        n_gpu_layers: layers offloaded (-1: all); flash_attn: None lets llama.cpp decide (on CPU:
+        on); kv_type: "f16", "f32" or "q8_0" (default: q8_0 where batch_invariant applies, else
+        f16); prefix_cache: keep finished sequences for reuse; batch_invariant: on CPU, a
+        sequence's logits do not depend on its batch company, nor a repeat's on what the cache
+        held (on by default: with q8_0 KV it costs little, see bench/RESULTS.md "Reproducibility";
+        with f16/f32 KV it pads lone tokens and shrinks ubatches, ~45% of single-stream decode)."""
         if n_seq_max < 1 or n_batch < 1:
             raise ValueError("n_seq_max and n_batch must be positive")
+        cpu_fa = batch_invariant and n_gpu_layers == 0 and flash_attn is not False
+        kv_type = kv_type or ("q8_0" if cpu_fa else "f16")
         if kv_type not in _KV_TYPES:
             raise ValueError(f"kv_type must be one of {sorted(_KV_TYPES)}, got {kv_type!r}")
         # Batch invariance on CPU: a sequence's logits must not depend on what else is in the
         # batch (batched requests equal the same requests run alone). Of ggml's three CPU flash
         # attention kernels only the per-row one is invariant, so keep every ubatch under 64
         # tokens (tiled kernel) and never let one hold a lone token (KV split across threads):
-        # such a ubatch gets a throwaway token of a scratch sequence.
-        cpu_fa = batch_invariant and n_gpu_layers == 0 and flash_attn is not False
+        # such a ubatch gets a throwaway token of a scratch sequence. The other two kernels take
+        # only f16/f32 KV: a quantized KV (q8_0) always gets the per-row one, and needs neither.
+        shaped = cpu_fa and kv_type in ("f16", "f32")
         if n_ubatch is None:
-            n_ubatch = _FA_TILE_ROWS - 1 if cpu_fa else n_batch
+            n_ubatch = _FA_TILE_ROWS - 1 if shaped else n_batch
         n_ubatch = min(n_ubatch, n_batch)
-        self._pad_lid = n_seq_max if cpu_fa and n_ubatch > 1 else None
+        self._pad_lid = n_seq_max if shaped and n_ubatch > 1 else None
         max_seq = llama_cpp.llama_max_parallel_sequences() - (self._pad_lid is not None)
         if n_seq_max > max_seq:
             raise ValueError(f"n_seq_max must be at most {max_seq} here, got {n_seq_max}")
@@ -460,6 +526,8 @@ class LlamaCppBackend:
         cparams.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO if flash_attn is None else
                                    llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else
                                    llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
+        self._cparams = cparams
+        self._score: list = []  # [(batch, context)] for SeqWork.alone, made on first use
         ctx = llama_cpp.llama_init_from_model(model, cparams)
         if not ctx:
             llama_cpp.llama_model_free(model)
@@ -470,7 +538,7 @@ class LlamaCppBackend:
         self._mem = llama_cpp.llama_get_memory(ctx)
         batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
         self._model, self._ctx, self._batch = model, ctx, batch
-        self._finalizer = weakref.finalize(self, _free_native, batch, ctx, model)
+        self._finalizer = weakref.finalize(self, _free_native, batch, ctx, model, self._score)
 
         self.n_threads = threads
         self.n_ctx_train = n_ctx_train
@@ -480,7 +548,8 @@ class LlamaCppBackend:
         capacity = llama_cpp.llama_n_ctx(ctx) - (self._pad_lid is not None)
         self.max_model_len = min(capacity, n_ctx_train)
         self.kv = LlamaCppKV(self._mem, capacity, n_seq_max, prefix_cache,
-                             defer_release=self._pad_lid is not None)
+                             defer_release=cpu_fa)
+        self.kv.ctx = ctx
         self._max_fill = self.n_batch - (self._pad_lid is not None)  # real tokens per decode
 
         # numpy views over the batch's C arrays, so a step fills them without per-token ctypes calls
@@ -506,12 +575,17 @@ class LlamaCppBackend:
             if bad:
                 raise ValueError(f"sequence {w.seq_id}: token id {bad[0]} is out of range "
                                  f"[0, {self.n_vocab})")
-            lids.append(self.kv._prepare_feed(w.seq_id, w.start_pos, len(w.token_ids)))
+            if w.alone and w.start_pos != 0:
+                raise ValueError(f"sequence {w.seq_id}: an alone item starts at position 0")
+            lids.append(-1 if w.alone else self.kv._prepare_feed(w.seq_id, w.start_pos, len(w.token_ids)))
 
         outs: list[np.ndarray | None] = [None] * len(work)
         pieces: list[tuple[int, int, int]] = []  # (item, lo, hi): a slice of one item's tokens
         fill = 0
         for i, w in enumerate(work):
+            if w.alone:
+                outs[i] = self._decode_alone(w)
+                continue
             lo = 0
             while lo < len(w.token_ids):
                 hi = min(len(w.token_ids), lo + self._max_fill - fill)
@@ -541,6 +615,35 @@ class LlamaCppBackend:
         return self.tokenizer._meta(key)
 
     # ---- internals ----------------------------------------------------------------------------
+    def _decode_alone(self, w: SeqWork) -> np.ndarray | None:
+        """Decode a prompt to score in a context of its own, emptied first: the same ubatches over
+        the same cells every time, so its logits never depend on the main context's batch or KV.
+        Costs KV memory for one more context, made on the first scoring request."""
+        if not self._score:
+            ctx = llama_cpp.llama_init_from_model(self._model, self._cparams)
+            if not ctx:
+                raise ModelLoadError("llama.cpp could not create the context for scoring prompts")
+            self._score.append((llama_cpp.llama_batch_init(self.n_batch, 0, 1), ctx))
+        batch, ctx = self._score[0]
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), True)
+        n_tok = len(w.token_ids)
+        out = np.empty((n_tok, self.n_vocab), dtype=np.float32) if w.all_logits else None
+        for lo in range(0, n_tok, self.n_batch):
+            hi = min(n_tok, lo + self.n_batch)
+            for j, t in enumerate(range(lo, hi)):
+                batch.token[j], batch.pos[j], batch.n_seq_id[j] = w.token_ids[t], t, 1
+                batch.seq_id[j][0] = 0
+                batch.logits[j] = w.all_logits or (w.need_logits and t == n_tok - 1)
+            batch.n_tokens = hi - lo
+            rc = llama_cpp.llama_decode(ctx, batch)
+            if rc != 0:
+                raise LlamaDecodeError(_DECODE_ERRORS.get(rc, _DECODE_ERRORS[-2]).format(rc=rc, n=hi - lo), rc)
+            if w.all_logits:
+                out[lo:hi] = np.ctypeslib.as_array(llama_cpp.llama_get_logits(ctx), shape=(hi - lo, self.n_vocab))
+            elif w.need_logits and hi == n_tok:
+                out = np.ctypeslib.as_array(llama_cpp.llama_get_logits(ctx), shape=(1, self.n_vocab))[0].copy()
+        return out
+
     def _decode(self, work: list[SeqWork], lids: list[int], pieces: list[tuple[int, int, int]],
                 outs: list[np.ndarray | None]) -> None:
         rows: list[tuple[int, int, int, int]] = []  # (item, first output row, first token, count)

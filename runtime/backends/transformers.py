@@ -277,8 +277,18 @@ class TransformersBackend:
         pos = np.arange(start, end)
         return table[pos // bs] * bs + pos % bs
 
-    @torch.inference_mode()
     def forward(self, work: list[SeqWork]) -> list[np.ndarray | None]:
+        # an `alone` item (a prompt to score) gets a pass of its own: matmuls over its rows only
+        out: list[np.ndarray | None] = [None] * len(work)
+        shared = [i for i, w in enumerate(work) if not w.alone]
+        groups = [[i] for i, w in enumerate(work) if w.alone] + ([shared] if shared else [])
+        for idx in groups:
+            for i, lg in zip(idx, self._forward([work[i] for i in idx])):
+                out[i] = lg
+        return out
+
+    @torch.inference_mode()
+    def _forward(self, work: list[SeqWork]) -> list[np.ndarray | None]:
         dev0 = self.model.model.embed_tokens.weight.device
         lens = [len(w.token_ids) for w in work]
         offsets = np.cumsum([0] + lens)

@@ -30,7 +30,8 @@ THREADS = 1  # the test machine's cores are shared; one thread avoids ggml's spi
 
 @pytest.fixture(scope="module")
 def backend(smollm_gguf):
-    be = LlamaCppBackend(smollm_gguf, n_ctx=2048, n_seq_max=24, n_threads=THREADS, batch_invariant=True)
+    be = LlamaCppBackend(smollm_gguf, n_ctx=2048, n_seq_max=24, n_threads=THREADS, batch_invariant=True,
+                         kv_type="f16")  # the padded mode, against raw llama-cpp-python (f16 KV)
     yield be
     be.close()
 
@@ -130,7 +131,8 @@ def test_batched_sequences_equal_each_alone(backend):
 def test_lone_token_step_equals_batched_step(smollm_gguf):
     # Past 256 used cells a one-token ubatch would take ggml's split-KV attention kernel, whose
     # result depends on the thread count; the backend pads such a step with a scratch token.
-    with LlamaCppBackend(smollm_gguf, n_ctx=1024, n_seq_max=8, n_threads=2, batch_invariant=True) as be:
+    with LlamaCppBackend(smollm_gguf, n_ctx=1024, n_seq_max=8, n_threads=2, batch_invariant=True,
+                         kv_type="f16") as be:
         filler = be.tokenizer.encode(" ".join(["Filler text about nothing in particular."] * 40))
         be.forward([SeqWork(9, filler[:230], 0, need_logits=False)])
         prompt = chat_ids(be, "What is the capital of France?")
@@ -231,7 +233,7 @@ def test_bad_positions_fail_clearly(backend):
 
 def test_allocate_refuses_beyond_capacity_and_evicts_cached_first(backend, smollm_gguf):
     with LlamaCppBackend(smollm_gguf, n_ctx=256, n_seq_max=4, n_threads=THREADS, n_batch=32,
-                         batch_invariant=True) as be:
+                         batch_invariant=True, kv_type="f16") as be:
         kv = be.kv
         cap = kv.capacity_tokens()
         assert cap in (255, 256) and be.max_model_len == cap  # 255: one cell for the scratch token
