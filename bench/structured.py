@@ -19,6 +19,8 @@ Variants (--variants):
 
     default      hearth's server as it ships (runtime.guided.JSON_STYLE)
     compact      hearth with compact JSON only (no whitespace anywhere), the grammar before issue 16
+    newlines     hearth with the line-broken style too (runtime.guided.JSON_STYLES["pretty"]: a newline and an
+                 indent of at most 20 in a gap)
     server-ws    hearth with llama-server's whitespace rule in every gap (` ` or 1-2 newlines + 20 indent)
     V+no-hint    hearth variant V without the system message that tells the model the schema (serve
                  adds one for response_format; llama-server adds none)
@@ -89,7 +91,7 @@ CASES = {
               "Record the order.", ORDER),
 }
 METHODS = ("json_schema", "tool")
-VARIANTS = ("default", "compact", "server-ws", "llama.cpp")
+VARIANTS = ("default", "compact", "newlines", "server-ws", "llama.cpp")
 MODIFIERS = ("no-hint",)
 """A hearth variant may end in `+no-hint`: no system message with the schema (llama-server adds none)."""
 # llama-server's whitespace between JSON tokens (its json-schema-to-grammar `space` rule)
@@ -141,6 +143,8 @@ def hearth_server(model_path: str, threads: int, variant: str) -> Iterator[Any]:
     saved = dict(guided.JSON_STYLES), guided.JSON_STYLE
     if style == "compact":
         guided.JSON_STYLE = ("compact",)
+    elif style == "newlines":
+        guided.JSON_STYLE = ("compact", "spaced", "pretty")
     elif style == "server-ws":
         guided.JSON_STYLES["server-ws"] = {"whitespace_flexible": False, "whitespace_pattern": SERVER_WHITESPACE}
         guided.JSON_STYLE = ("server-ws",)

@@ -20,8 +20,8 @@ class GuidedDecoding:
     json_schema: `spec` is the schema (a dict); json_object: any JSON object, `spec` is None;
     regex: the whole output matches `spec` (Rust regex syntax, with \\d and \\w ASCII-only as in a
     JSON Schema "pattern"); lark: `spec` is a grammar in llguidance's Lark dialect, which may embed
-    JSON schemas as `%json{...}`. JSON comes out compact, spaced or pretty-printed with bounded
-    whitespace (runtime.guided.JSON_STYLE) unless the schema's "x-guidance" options say otherwise; in
+    JSON schemas as `%json{...}`. JSON comes out compact or spaced as json.dumps writes it, whitespace
+    bounded (runtime.guided.JSON_STYLE) unless the schema's "x-guidance" options say otherwise; in
     Lark, only a `%json` made by runtime.guided.lark_json is bounded (a bare one allows free whitespace)."""
 
     kind: str

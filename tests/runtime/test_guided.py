@@ -91,17 +91,28 @@ def ws_grammars():
         yield guided.kind, grammar_text(guided)
 
 
-def test_json_allows_the_whitespace_models_write():
+@pytest.fixture(params=["default", "with pretty"])
+def json_style(request, monkeypatch):
+    from hearth.runtime import guided
+
+    if request.param == "with pretty":
+        monkeypatch.setattr(guided, "JSON_STYLE", ("compact", "spaced", "pretty"))
+    return request.param
+
+
+def test_json_allows_the_whitespace_models_write(json_style):
     from tests.byte_grammar import accepts
 
+    pretty = [json.dumps(WS_VALUE, indent=2), json.dumps(WS_VALUE, indent=4), json.dumps(WS_VALUE, indent="\t")]
     for kind, grammar in ws_grammars():
-        # compact, json.dumps' default, and consistently pretty-printed documents (2, 4, a tab)
-        for text in (json.dumps(WS_VALUE, separators=(",", ":")), json.dumps(WS_VALUE),
-                     json.dumps(WS_VALUE, indent=2), json.dumps(WS_VALUE, indent=4), json.dumps(WS_VALUE, indent="\t")):
+        # compact and json.dumps' default always; consistently pretty-printed documents (2, 4, a tab) when enabled
+        for text in [json.dumps(WS_VALUE, separators=(",", ":")), json.dumps(WS_VALUE)]:
             assert accepts(grammar, text), (kind, text)
+        for text in pretty:
+            assert accepts(grammar, text) == (json_style == "with pretty"), (kind, text)
 
 
-def test_json_whitespace_cannot_loop():
+def test_json_whitespace_cannot_loop(json_style):
     from tests.byte_grammar import accepts
 
     pretty = json.dumps(WS_VALUE, indent=2)
@@ -112,6 +123,7 @@ def test_json_whitespace_cannot_loop():
                      '{"name": "Rex", "tags": [' + "\n " * 30 + '], "owner": {}}',   # gaps one after another
                      "\n" + pretty, pretty + "\n", pretty + " " * 50,              # outside the document
                      json.dumps(WS_VALUE, separators=(" , ", " : ")),                  # spaces before separators
+                     json.dumps(WS_VALUE, separators=(",  ", ":  ")),                  # runs of spaces
                      '{"name":"Rex", "tags":[1,2], "owner":{"city":"Oslo"}}',         # a style not kept
                      pretty.replace(",\n  ", ", ", 1)):
             assert not accepts(grammar, text), (kind, text)
