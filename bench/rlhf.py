@@ -90,7 +90,8 @@ def _plot(runs: list[dict], png: str) -> None:
             for curve in mine:
                 ax.plot(range(1, len(curve) + 1), curve, color=colour, alpha=0.25, linewidth=0.8)
             mean = [sum(v) / len(v) for v in zip(*mine)]
-            ax.plot(range(1, len(mean) + 1), mean, color=colour, linewidth=2, label=f"{algorithm} (mean of {len(mine)})")
+            ax.plot(range(1, len(mean) + 1), mean, color=colour, linewidth=2,
+                    label=f"{algorithm} (mean of {len(mine)})")
         ax.set_ylabel({"reward": "mean reward (letters e)", "kl": "KL to reference (nats/answer)"}[key])
         ax.grid(alpha=0.3)
         ax.legend()

@@ -12,14 +12,17 @@ One step (one rollout batch):
   3. per-token reward r_t = −β·(log π(a_t) − log π_ref(a_t)), plus the score at the answer's last token;
   4. GAE(γ, λ) advantages from the value head's V(s_t), whitened over the batch; returns = A + V;
   5. `ppo_epochs` passes over shuffled minibatches: the clipped surrogate −min(ρA, clip(ρ, 1±ε)A) with
-     ρ = π/π_old, plus `vf_coef` × the clipped value loss ½·max((V−R)², (V_old + clip(V−V_old, ±value_clip) − R)²);
+     ρ = π/π_old, plus `vf_coef` × the clipped value loss
+     ½·max((V−R)², (V_old + clip(V−V_old, ±value_clip) − R)²);
   6. with `kl_target` set, β adapts (Ziegler et al. 2019): β ← β·(1 + clip(KL/target − 1, ±0.2)·n/horizon).
 
-The value head is one linear layer on the policy's last hidden state (the trunk is shared), not a separate
-value model initialised from the reward model as InstructGPT did: one forward pass gives log-probs and
-values (half the compute and memory of a second 135M..7B model, which matters on a 3090 or a CPU), and it
-works the same when the reward is a Python function with no reward model to start from. It starts at zero
-so the first advantages are the plain rewards; `vf_coef` keeps its gradients from dominating the trunk.
+The value head is one linear layer on the policy's last hidden state, not a separate value model
+initialised from the reward model as InstructGPT did: one forward pass gives log-probs and values (half
+the compute and memory of a second 135M..7B model, which matters on a 3090 or a CPU), and it works the
+same when the reward is a Python function with no reward model to start from. It reads the hidden state
+detached, so the value loss trains the head alone and cannot drag the policy (with the gradient flowing
+into the shared trunk, the tiny test task's KL ran away even at β = 1); it starts at zero and has its own
+learning rate (`value_learning_rate`), since a linear layer must learn far faster than the policy moves.
 
 The reward is a reward-model checkpoint from `hearth train rm` (`reward_model: runs/rm`) or a Python callable
 (`reward_function: mypkg.rewards:brevity`; training/rewards.py gives its contract and the prompt formats).
