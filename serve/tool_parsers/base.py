@@ -234,6 +234,17 @@ class StreamParser:
         is needed. With final=True it must settle everything eventually. May change self.state."""
         raise NotImplementedError
 
+    def _json_opening(self, buf: str, final: bool) -> tuple[int | None, Step]:
+        """For a reply that may open with bare JSON: (index of its "{", None), or (None, the step to
+        take): wait while only whitespace has come, or go on in state "text" when it opens otherwise."""
+        pos = len(buf) - len(buf.lstrip())
+        if pos == len(buf):
+            return None, (([buf], len(buf)) if final else None)
+        if buf[pos] != "{":
+            self.state = "text"
+            return None, ([], 0)
+        return pos, None
+
     def feed(self, delta: str) -> list[Delta]:
         self._buf += delta
         return self._drain(final=False)

@@ -45,12 +45,9 @@ class StreamParser(base.StreamParser):
 
     def _step(self, buf: str, final: bool) -> base.Step:
         if self.state == "start":
-            pos = len(buf) - len(buf.lstrip())
-            if pos == len(buf):
-                return ([buf], len(buf)) if final else None
-            if buf[pos] != "{":
-                self.state = "text"
-                return [], 0
+            pos, step = self._json_opening(buf, final)
+            if pos is None:
+                return step
             found = self._decode(buf, pos)
             if found is None:
                 if not final:

@@ -61,10 +61,67 @@ def test_hermes_parse():
     '<tool_call>\n{"name": "add", "arguments": [1, 2]}\n</tool_call>',                    # arguments not an object
     'Use <tool_call> tags to call tools.',
     'a < b and <tool_ is not a tag',
+    '```json\n{"name": "launch_rockets", "arguments": {}}\n```',                         # unknown tool
+    '```json\n{"name": "add", "arguments": {"a": 1, "b": 2}}\nThen add again.\n```',      # more than a call
+    '```python\ncall({"name": "add", "arguments": {"a": 1, "b": 2}})\n```\nDone.',       # code, not a call
+    '```python\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n```',                     # not a JSON fence
+    '```json\n{"name": "John", "age": 31}\n``` and ```json\n{"a": [1, 2]}\n```',
+    '{"name": "John", "age": 31} is a JSON object.',                                       # not a tool
+    'Sure: {"name": "add", "arguments": {"a": 1, "b": 2}}',                                # bare after text
+    '```json\n{"name": "John", "ag',                                                      # a JSON answer cut short
+    'Text ``` inline ``` and <b>```</b> ``',
+    '{{"a": 1}} and {{"name": "add", "arguments": {}}}',
 ])
 def test_hermes_lookalikes_stay_content(text):
     msg = hermes.parse(text, TOOLS)
     assert msg.tool_calls == [] and msg.content == text
+
+
+# what Qwen2.5-Coder-1.5B-Instruct writes under tool_choice "auto" (3 of 3 weather prompts): no tags
+QWEN_FENCED = '```json\n{\n  "name": "get_weather",\n  "arguments": {\n    "city": "Paris"\n  }\n}\n```'
+
+
+def test_hermes_fenced_and_bare_calls():
+    assert calls_of(hermes.parse(QWEN_FENCED, TOOLS)) == [("get_weather", {"city": "Paris"})]
+    assert hermes.parse(QWEN_FENCED, TOOLS).content is None
+    msg = hermes.parse("Let me check.\n\n" + QWEN_FENCED + "\n", TOOLS)
+    assert msg.content == "Let me check." and calls_of(msg) == [("get_weather", {"city": "Paris"})]
+    bare = '{"name": "add", "arguments": {"a": 1, "b": 2}}'
+    assert calls_of(hermes.parse("\n" + bare, TOOLS)) == [("add", {"a": 1, "b": 2})]
+    assert calls_of(hermes.parse(bare + "\n" + bare, TOOLS)) == [("add", {"a": 1, "b": 2})] * 2
+    tagged = "```\n" + hermes.render_calls([W, A]) + "\n```"
+    assert calls_of(hermes.parse(tagged, TOOLS)) == [("get_weather", {"city": "Paris"}), ("add", {"a": 1, "b": 2})]
+    two = "```json\n" + bare + "\n" + bare + "\n```"
+    assert calls_of(hermes.parse(two, TOOLS)) == [("add", {"a": 1, "b": 2})] * 2
+    # a fence the model did not close before its end token still holds a whole call
+    assert calls_of(hermes.parse("```json\n" + bare + "\n", TOOLS)) == [("add", {"a": 1, "b": 2})]
+    # Qwen's template shows {{"name": ...}} (doubled braces) and the 1.5B copies them: `hearth agent run
+    # "What is 1234 * 5678?" --tools calculator` got this back as its final answer
+    doubled = '{{"name": "add", "arguments": {"a": 1, "b": 2}}}'
+    for text in (doubled, "```json\n" + doubled + "\n```", "{ {" + bare[1:] + " }\n\n" + doubled, doubled[:-1]):
+        msg = hermes.parse(text, TOOLS)
+        assert msg.content is None and calls_of(msg) == [("add", {"a": 1, "b": 2})] * (2 if "\n\n" in text else 1)
+
+
+@pytest.mark.parametrize("cut", [
+    '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Tok',
+    '<tool_call>\n{"na',
+    "<tool_call>",
+    '```json\n{\n  "name": "get_weather",\n  "argu',
+    '```json\n{"name": "get_',
+    '```json\n{{"name": "add", "arguments": {"a"',
+])
+def test_hermes_call_cut_at_max_tokens_is_dropped(cut):
+    # a forced call cut by max_tokens: the complete calls stay, the fragment never reaches content
+    full = hermes.render_calls([W, A]) + "\n"
+    assert hermes.parse(cut, TOOLS) == base.ParsedMessage("", [])
+    msg = hermes.parse(full + cut, TOOLS)
+    assert msg.content is None and calls_of(msg) == [("get_weather", {"city": "Paris"}), ("add", {"a": 1, "b": 2})]
+    msg = hermes.parse("Checking.\n" + cut, TOOLS)
+    assert msg.content == "Checking.\n" and msg.tool_calls == []
+    # a bare call is read only at the start of a reply, so only there is it cut
+    for bare in ('{"name": "add", "arguments": {"a": 1', '{{"name": "add", "arguments": {"a": 1'):
+        assert hermes.parse(bare, TOOLS) == base.ParsedMessage("", [])
 
 
 def test_llama3_parse():
@@ -163,7 +220,12 @@ STREAM_TEXTS = {
     hermes: ['Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "東京", "days": 3}}\n</tool_call>\n'
              '<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n</tool_call>',
              '<tool_call>\n{"name": "nope", "arguments": {}}\n</tool_call> then <tool_call>\n{"name": "ping", "arguments": {}}',
-             'no calls <tool but < and <tool_call>{broken</tool_call> here  \n'],
+             'no calls <tool but < and <tool_call>{broken</tool_call> here  \n',
+             QWEN_FENCED + '\n\nDone.', '  {"name": "ping", "arguments": {}}{"name": "ping", "arguments": {}} ok',
+             '{"name": "John"} ```python\nx = "<tool_call>"\n``` and ```json\n{"name": "ping", "arguments": {}}\n```',
+             '```json\n<tool_call>\n{"name": "ping", "arguments": {}}\n</tool_call>\n```  ```\n{"a": 1}```',
+             hermes.render_calls([W]) + '\n<tool_call>\n{"name": "add", "arguments": {"a": 1', '``', '```json\n{"na',
+             '{{"name": "ping", "arguments": {}}}\n{ {"name": "add", "arguments": {"a": 1, "b": 2}} } done', '{{"a": 1}}'],
     llama3: ['<|python_tag|>{"name": "get_weather", "parameters": {"city": "Paris"}}; {"name": "add", "parameters": {"a": 1, "b": 2}}',
              '  {"name": "ping", "parameters": {}}\n{"name": "ping", "parameters": {}} and then text',
              '{"not": "a call"} text', '<|python_', '{"name": "add", "parameters": {"a": 1'],
@@ -312,6 +374,19 @@ def test_grammar_named_and_single(family, lltok):
     assert accepts(lltok, par, render(family, ("add", {"a": 1, "b": 2}), ("add", {"a": 3, "b": 4})))
     assert not accepts(lltok, par, render(family, ("add", {"a": 1, "b": 2}), ("ping", {})))
 
+
+
+def test_hermes_grammar_lets_the_turn_end_after_any_call(lltok):
+    # Qwen writes "\n" after </tool_call> and then its end token; when that "\n" could only open another
+    # call, a forced call ran on (Paris, London, Tokyo...) until max_tokens cut it
+    one = render(hermes, ("get_weather", {"city": "Paris"}))
+    for parallel in (True, False):
+        g = hermes.grammar(TOOLS, "required", parallel_tool_calls=parallel)
+        assert accepts(lltok, g, one)
+        assert accepts(lltok, g, one + "\n") == parallel
+    g = hermes.grammar(TOOLS, "required", parallel_tool_calls=True)
+    assert accepts(lltok, g, one + "\n" + one + "\n")
+    assert not accepts(lltok, g, one + "\n\n")
 
 def test_grammar_rejects_bad_choice():
     for family in FAMILIES:
