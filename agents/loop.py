@@ -17,9 +17,13 @@ Budgets: `max_steps` counts model calls; `time_s` bounds the whole run, the mode
 included. When either runs out the run stops with stopped="max_steps" / "time_budget" and
 answer = the last text the model wrote alongside its tool calls, or None if it wrote none.
 A forced tool_choice ("required" or a named function) applies to the first model call only, after
-which it falls back to "auto" so the model can answer; the last call the step budget allows is made
-with "none" (final_answer=True), so the run ends with an answer from the tool results it has. A ChatModel failure (AgentError) ends the run
-with stopped="error" and an "error" step; cancellation propagates and stops any running tools.
+which it falls back to "auto" so the model can answer. With final_answer=True the run ends with an
+answer from the tool results it has: the last call the step budget allows, and the call after the
+model repeats a call it already made (same tool, same arguments; small models loop on one call), is
+made with "none", its tool calls and results written out as plain text (`answer_messages`), since a
+model shown tool messages without its tools' prompt (Qwen2.5-Coder-1.5B) refuses to answer.
+A ChatModel failure (AgentError) ends the run with stopped="error" and an "error" step; cancellation
+propagates and stops any running tools.
 The conversation, tool messages included, is in result.extra["messages"].
 """
 
@@ -33,7 +37,7 @@ from .model import ChatModel, ToolCall
 from .tools.registry import ToolRegistry, ToolResult
 from .types import AgentError, AgentInputError, AgentResult, Budget, Trace
 
-__all__ = ["run_tool_agent", "SAMPLING_KEYS"]
+__all__ = ["run_tool_agent", "answer_messages", "SAMPLING_KEYS"]
 
 SAMPLING_KEYS = ("temperature", "top_p", "max_tokens", "seed", "stop")
 
@@ -72,6 +76,40 @@ def _arguments_for_trace(call: ToolCall) -> Any:
         return call.arguments  # kept as the model wrote it; the tool result says what is wrong
 
 
+def _call_key(call: ToolCall) -> tuple[str, str]:
+    args = _arguments_for_trace(call)
+    return call.name, json.dumps(args, sort_keys=True, ensure_ascii=False) if isinstance(args, dict) else str(args)
+
+
+def answer_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The conversation for a call that must answer without tools: each assistant tool call written as
+    `name(arguments)` in its message, each tool result as a user turn "Tool result (name): ...", the
+    last one followed by the request to answer with them."""
+    out: list[dict[str, Any]] = []
+    names: dict[str, str] = {}
+    for m in messages:
+        if m.get("role") == "assistant" and m.get("tool_calls"):
+            lines = [m["content"].strip()] if isinstance(m.get("content"), str) and m["content"].strip() else []
+            for c in m["tool_calls"]:
+                fn = c.get("function") or {}
+                names[c.get("id") or ""] = fn.get("name", "the tool")
+                lines.append(f"{fn.get('name', '')}({fn.get('arguments', '')})")
+            out.append({"role": "assistant", "content": "\n".join(lines)})
+        elif m.get("role") == "tool":
+            text = f"Tool result ({names.get(m.get('tool_call_id') or '', 'the tool')}): {m.get('content') or ''}"
+            if out and out[-1].get("_tool"):
+                out[-1]["content"] += "\n" + text
+            else:
+                out.append({"role": "user", "content": text, "_tool": True})
+        else:
+            out.append(dict(m))
+    if out and out[-1].get("_tool"):
+        out[-1]["content"] += "\n\nAnswer with these results."
+    for m in out:
+        m.pop("_tool", None)
+    return out
+
+
 async def _run_calls(registry: ToolRegistry, calls: list[ToolCall], parallel: bool) -> list[ToolResult]:
     if parallel and len(calls) > 1:
         return list(await asyncio.gather(*(registry.call(c.name, c.arguments) for c in calls)))
@@ -102,6 +140,8 @@ async def run_tool_agent(model: ChatModel, messages: list[dict[str, Any]], regis
     choice: Any = tool_choice if tools else None
     convo = [dict(m) for m in messages]
     last_text: str | None = None
+    made: set[tuple[str, str]] = set()  # (name, arguments) of the calls already run
+    must_answer = False
 
     def stop(reason: str, **extra: Any) -> AgentResult:
         return trace.finish(last_text, reason, messages=convo, **extra)
@@ -111,10 +151,12 @@ async def run_tool_agent(model: ChatModel, messages: list[dict[str, Any]], regis
         if reason:
             return stop(reason)
         last_call = trace.model_calls == trace.budget.max_steps - 1 and trace.model_calls > 0
-        call_choice = "none" if final_answer and tools and last_call and choice == "auto" else choice
+        answer_now = final_answer and tools and (last_call or must_answer) and choice == "auto"
+        call_choice = "none" if answer_now else choice
         try:
             async with asyncio.timeout(trace.time_left()):
-                replies = await model.chat(convo, tools=tools, tool_choice=call_choice, n=1, **sampling)
+                replies = await model.chat(answer_messages(convo) if answer_now else convo, tools=tools,
+                                           tool_choice=call_choice, n=1, **sampling)
         except TimeoutError:
             trace.add("error", f"the time budget ({trace.budget.time_s:g} s) ran out during model call "
                                f"{trace.model_calls + 1}; set max_tokens or a larger time budget")
@@ -133,6 +175,13 @@ async def run_tool_agent(model: ChatModel, messages: list[dict[str, Any]], regis
         if reply.content and reply.content.strip():
             last_text = reply.content
             trace.add("thought", reply.content)
+        keys = [_call_key(c) for c in reply.tool_calls]
+        if final_answer and choice == "auto" and all(k in made for k in keys):
+            trace.add("thought", "repeated " + ", ".join(f"{c.name}({c.arguments})" for c in reply.tool_calls)
+                      + ": answering from the results so far", repeated=True)
+            must_answer = True
+            continue
+        made.update(keys)
         convo.append(reply.to_message())
         for c in reply.tool_calls:
             trace.add("tool_call", c.arguments, id=c.id, name=c.name, arguments=_arguments_for_trace(c))

@@ -76,8 +76,8 @@ async def test_two_calls_in_one_turn_run_in_parallel_and_keep_their_order():
 
 
 async def test_a_model_that_calls_tools_forever_stops_at_max_steps():
-    def forever(messages, kwargs):
-        return calls((f"c{len(messages)}", "calculator", '{"expression": "1 + 1"}'),
+    def forever(messages, kwargs):  # a new call each time (a repeated one is answered from its result)
+        return calls((f"c{len(messages)}", "calculator", f'{{"expression": "{len(messages)} + 1"}}'),
                      content="still thinking" if len(messages) > 1 else None)
 
     model = ScriptedChatModel([forever] * 10)
@@ -220,3 +220,41 @@ async def test_last_call_of_the_budget_asks_for_an_answer_not_another_tool():
     model = ScriptedChatModel([answer_unless_tools] * 3)
     result = await run_tool_agent(model, USER, registry, budget=Budget(max_steps=3, time_s=30), final_answer=False)
     assert result.stopped == "max_steps" and result.answer is None
+
+
+async def test_a_repeated_call_is_answered_from_the_results_written_as_text():
+    # Qwen2.5-Coder-1.5B asks for calculator("1234 * 5678") again after its result, and, shown the tool
+    # messages without its tools' prompt (tool_choice "none"), answers "I can't assist with that"
+    def model_turn(messages, kwargs):
+        if kwargs["tool_choice"] == "none":
+            return "1234 * 5678 = 7006652." if "7006652" in messages[-1]["content"] else "I can't assist with that."
+        return calls((f"c{len(messages)}", "calculator", '{"expression": "1234 * 5678"}'), content="Let me see.")
+
+    model = ScriptedChatModel([model_turn] * 3)
+    result = await run_tool_agent(model, [{"role": "user", "content": "What is 1234 * 5678?"}],
+                                  default_registry(plugins=False), budget=Budget(max_steps=8, time_s=30))
+    assert result.stopped == "answer" and result.answer == "1234 * 5678 = 7006652."
+    assert [c["tool_choice"] for c in model.calls] == ["auto", "auto", "none"]
+    assert [s.kind for s in result.steps].count("tool_result") == 1  # the repeat is not run again
+    assert result.steps[-2].data == {"repeated": True}
+    assert model.calls[2]["messages"] == [
+        {"role": "user", "content": "What is 1234 * 5678?"},
+        {"role": "assistant", "content": 'Let me see.\ncalculator({"expression": "1234 * 5678"})'},
+        {"role": "user", "content": "Tool result (calculator): 7006652\n\nAnswer with these results."}]
+    # the run's own conversation keeps the real tool messages
+    assert [m["role"] for m in result.extra["messages"]] == ["user", "assistant", "tool", "assistant"]
+
+
+def test_answer_messages_write_parallel_calls_and_results_as_text():
+    from hearth.agents.loop import answer_messages
+
+    convo = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Weather in Oslo and Rome?"},
+             {"role": "assistant", "content": None, "tool_calls": [
+                 {"id": "a", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}},
+                 {"id": "b", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Rome"}'}}]},
+             {"role": "tool", "tool_call_id": "a", "content": "2 C"}, {"role": "tool", "tool_call_id": "b", "content": "19 C"}]
+    assert answer_messages(convo) == convo[:2] + [
+        {"role": "assistant", "content": 'get_weather({"city": "Oslo"})\nget_weather({"city": "Rome"})'},
+        {"role": "user", "content": "Tool result (get_weather): 2 C\nTool result (get_weather): 19 C\n\n"
+                                    "Answer with these results."}]
+    assert answer_messages(convo[:2]) == convo[:2]
