@@ -48,6 +48,17 @@ def _prompt_lps(outs) -> list[float]:
     return [lp.logprob for o in outs if o.prompt_logprobs for lp in o.prompt_logprobs if lp is not None]
 
 
+def _assert_scoring_alone_equals_together(eng, texts: list[list[int]], busy_tokens: int) -> None:
+    """Score each text alone, then all at once beside 3 generating requests: identical logprobs."""
+    alone = [_prompt_lps(_gather(eng, [_score(t)])[0]) for t in texts]
+    busy = [GenerationRequest(prompt_token_ids=eng.tokenizer.encode(p), params=SamplingParams(
+        max_tokens=busy_tokens, temperature=0.0, ignore_eos=True)) for p in PROMPTS[:3]]
+    outs = _gather(eng, busy + [_score(t) for t in texts])
+    together = [_prompt_lps(o) for o in outs[len(busy):]]
+    assert all(len(a) == len(t) - 1 for a, t in zip(alone, texts))
+    assert together == alone
+
+
 # ---- transformers backend, tiny random model ------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_engine(tiny_llama):
@@ -68,13 +79,7 @@ def test_scoring_logprobs_do_not_depend_on_concurrency_transformers(tiny_llama):
     eng = make_engine(tiny_llama, kv_cache_gb=0.05, max_num_batched_tokens=24)
     try:
         texts = [eng.tokenizer.encode(" ".join(PROMPTS[k:]) + " " + PROMPTS[k]) for k in range(6)]
-        alone = [_prompt_lps(_gather(eng, [_score(t)])[0]) for t in texts]
-        busy = [GenerationRequest(prompt_token_ids=eng.tokenizer.encode(p), params=SamplingParams(
-            max_tokens=12, temperature=0.0, ignore_eos=True)) for p in PROMPTS[:3]]
-        outs = _gather(eng, busy + [_score(t) for t in texts])
-        together = [_prompt_lps(o) for o in outs[len(busy):]]
-        assert all(len(a) == len(t) - 1 for a, t in zip(alone, texts))
-        assert together == alone
+        _assert_scoring_alone_equals_together(eng, texts, busy_tokens=12)
     finally:
         eng.shutdown()
 
@@ -97,13 +102,13 @@ def test_seeded_repeat_identical_with_prefix_cache_llamacpp(gguf_engine):
         assert _same(first, second), (seed, first.text, second.text)
 
 
-def test_scoring_logprobs_do_not_depend_on_concurrency_llamacpp(gguf_engine):
-    tok = gguf_engine.tokenizer
-    texts = [tok.encode(f"Question {k}: {p} Answer: tea, with water just off the boil.") for k, p in enumerate(PROMPTS)]
-    alone = [_prompt_lps(_gather(gguf_engine, [_score(t)])[0]) for t in texts]
-    busy = [GenerationRequest(prompt_token_ids=tok.encode(p), params=SamplingParams(
-        max_tokens=8, temperature=0.0, ignore_eos=True)) for p in PROMPTS[:3]]
-    outs = _gather(gguf_engine, busy + [_score(t) for t in texts])
-    together = [_prompt_lps(o) for o in outs[len(busy):]]
-    assert all(len(a) == len(t) - 1 for a, t in zip(alone, texts))
-    assert together == alone
+def test_scoring_logprobs_do_not_depend_on_concurrency_llamacpp(smollm_gguf):
+    # batch_invariant off (a deployment's opt-out): scoring must still not depend on the batch
+    eng = Engine.from_model(str(smollm_gguf), backend="llamacpp", n_ctx=2048, n_seq_max=16, n_threads=2,
+                            batch_invariant=False)
+    try:
+        texts = [eng.tokenizer.encode(f"Question {k}: {p} Answer: tea, with water just off the boil.")
+                 for k, p in enumerate(PROMPTS)]
+        _assert_scoring_alone_equals_together(eng, texts, busy_tokens=8)
+    finally:
+        eng.shutdown()
