@@ -1,8 +1,8 @@
 """Reproducibility on the bundled default model (SmolLM2-135M-Instruct), on CPU: what it costs and
 whether it holds (issue 16).
 
-    python bench/reproducibility.py --json bench/reproducibility.json          # both backends (~15 min)
-    python bench/reproducibility.py --backends llamacpp --quick                 # smoke run
+    hearth bench reproducibility --json bench/reproducibility.json   # both backends (~15 min)
+    hearth bench reproducibility --backends llamacpp --quick          # smoke run
 
 Per backend, each in one process, every variant loaded side by side and alternated (A B A B ...):
 
@@ -32,6 +32,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is a folder of scripts, not a package
 import engine as engine_bench  # noqa: E402  (the engine benchmark's prompts and prefix measurement)
+
+from hearth.clients.cmd_bench import output_problem, write_json  # noqa: E402
 
 BACKENDS = ("llamacpp", "transformers")
 VARIANTS = {"off": {"batch_invariant": False}, "on": {"batch_invariant": True},
@@ -248,8 +250,7 @@ def report(results: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", metavar="PATH", default=None, help="write every number to this JSON file")
     p.add_argument("--threads", type=int, default=2, help="CPU threads for every engine (default 2)")
     p.add_argument("--backends", default=",".join(BACKENDS), help="comma-separated subset of llamacpp,transformers")
@@ -259,10 +260,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prefix-only", action="store_true", help="only section 5, on the backend's defaults")
     p.add_argument("--variants", default="off,on", help=f"comma-separated subset of {','.join(VARIANTS)} "
                    "(the first must be off; llama.cpp only beyond off)")
-    args = p.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     if not backends or any(b not in BACKENDS for b in backends):
-        p.error(f"--backends takes a comma-separated subset of {','.join(BACKENDS)}")
+        print(f"bench reproducibility: --backends takes a comma-separated subset of {','.join(BACKENDS)}",
+              file=sys.stderr)
+        return 2
+    if args.threads < 1 or args.reps < 1 or args.tokens < 1:
+        print("bench reproducibility: --threads, --reps and --tokens must be >= 1", file=sys.stderr)
+        return 2
+    problem = output_problem(args.json)
+    if problem:
+        print(f"bench reproducibility: {problem}", file=sys.stderr)
+        return 2
     if args.quick:
         args.reps, args.tokens = 2, 32
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -277,8 +289,14 @@ def main(argv: list[str] | None = None) -> int:
     results["meta"]["loadavg_end"] = list(os.getloadavg())
     print(report(results))
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1, default=float))
+        write_json(args.json, results)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    return run(p.parse_args(argv))
 
 
 if __name__ == "__main__":

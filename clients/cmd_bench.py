@@ -36,6 +36,8 @@ BENCHMARKS = {
                             "memory bandwidth"),
     "contention": ("contention.py", "single-stream llama.cpp decode on a quiet CPU and beside a busy core, per "
                                     "threading setting (OpenMP wait policy, thread count, ggml's threadpool)"),
+    "reproducibility": ("reproducibility.py", "cost of batch_invariant per backend, temperature-0 and seeded "
+                                              "repeat equality with the prefix cache on, scoring alone vs concurrent"),
     "serve": ("serve.py", "the OpenAI HTTP server (no-ray and Ray Serve) vs the in-process engine: tok/s, TTFT, "
                           "inter-token latency per concurrency level"),
     "hangups": ("hangups.py", "clients that leave mid-stream: how soon the server stops decoding for them, "
