@@ -60,6 +60,13 @@ class KVCacheFullError(HearthError, RuntimeError):
 # ---- process-wide llama.cpp setup -----------------------------------------------------------
 _FA_TILE_ROWS = 64  # ggml's CPU flash attention goes tiled (not batch-invariant) from 64 rows
 _KV_TYPES = {"f32": 0, "f16": 1, "q8_0": 8}  # ggml_type ids
+_Q8_BLOCK = 32  # values per q8_0 block (ggml's QK8_0)
+
+
+def _head_dim(model) -> int:
+    """The attention head size of a loaded llama.cpp model (embedding width over heads)."""
+    heads = llama_cpp.llama_model_n_head(model)
+    return llama_cpp.llama_model_n_embd(model) // heads if heads else 0
 _LOG_LEVELS = {3: logging.WARNING, 4: logging.ERROR}  # ggml: 1 debug, 2 info, 3 warn, 4 error, 5 cont
 _last_level = logging.DEBUG
 _initialized = False
@@ -465,31 +472,15 @@ class LlamaCppBackend:
         (default: all cores); n_batch: most tokens per llama_decode; n_ubatch: tokens per compute
         graph (default n_batch; 63 for batch invariance with f16/f32 KV, see _FA_TILE_ROWS);
         n_gpu_layers: layers offloaded (-1: all); flash_attn: None lets llama.cpp decide (on CPU:
-        on); kv_type: "f16", "f32" or "q8_0" (default: q8_0 where batch_invariant applies, else
+        on); kv_type: "f16", "f32" or "q8_0" (default: q8_0 where batch_invariant applies and the head size is a multiple of 32, else
         f16); prefix_cache: keep finished sequences for reuse; batch_invariant: on CPU, a
         sequence's logits do not depend on its batch company, nor a repeat's on what the cache
         held (on by default: with q8_0 KV it costs little, see bench/RESULTS.md "Reproducibility";
         with f16/f32 KV it pads lone tokens and shrinks ubatches, ~45% of single-stream decode)."""
         if n_seq_max < 1 or n_batch < 1:
             raise ValueError("n_seq_max and n_batch must be positive")
-        cpu_fa = batch_invariant and n_gpu_layers == 0 and flash_attn is not False
-        kv_type = kv_type or ("q8_0" if cpu_fa else "f16")
-        if kv_type not in _KV_TYPES:
+        if kv_type is not None and kv_type not in _KV_TYPES:
             raise ValueError(f"kv_type must be one of {sorted(_KV_TYPES)}, got {kv_type!r}")
-        # Batch invariance on CPU: a sequence's logits must not depend on what else is in the
-        # batch (batched requests equal the same requests run alone). Of ggml's three CPU flash
-        # attention kernels only the per-row one is invariant, so keep every ubatch under 64
-        # tokens (tiled kernel) and never let one hold a lone token (KV split across threads):
-        # such a ubatch gets a throwaway token of a scratch sequence. The other two kernels take
-        # only f16/f32 KV: a quantized KV (q8_0) always gets the per-row one, and needs neither.
-        shaped = cpu_fa and kv_type in ("f16", "f32")
-        if n_ubatch is None:
-            n_ubatch = _FA_TILE_ROWS - 1 if shaped else n_batch
-        n_ubatch = min(n_ubatch, n_batch)
-        self._pad_lid = n_seq_max if shaped and n_ubatch > 1 else None
-        max_seq = llama_cpp.llama_max_parallel_sequences() - (self._pad_lid is not None)
-        if n_seq_max > max_seq:
-            raise ValueError(f"n_seq_max must be at most {max_seq} here, got {n_seq_max}")
 
         info = inspect_checkpoint(model_path)
         if info.format != "gguf":
@@ -513,6 +504,24 @@ class LlamaCppBackend:
         n_ctx_train = llama_cpp.llama_model_n_ctx_train(model)
         n_ctx = min(n_ctx, n_ctx_train) if n_ctx > 0 else n_ctx_train
         threads = n_threads or _cpu_cores()
+        cpu_fa = batch_invariant and n_gpu_layers == 0 and flash_attn is not False
+        if kv_type is None:  # q8_0 stores blocks of 32 values: a head size that is no multiple of 32 keeps f16
+            kv_type = "q8_0" if cpu_fa and _head_dim(model) % _Q8_BLOCK == 0 else "f16"
+        # Batch invariance on CPU: a sequence's logits must not depend on what else is in the
+        # batch (batched requests equal the same requests run alone). Of ggml's three CPU flash
+        # attention kernels only the per-row one is invariant, so keep every ubatch under 64
+        # tokens (tiled kernel) and never let one hold a lone token (KV split across threads):
+        # such a ubatch gets a throwaway token of a scratch sequence. The other two kernels take
+        # only f16/f32 KV: a quantized KV (q8_0) always gets the per-row one, and needs neither.
+        shaped = cpu_fa and kv_type in ("f16", "f32")
+        if n_ubatch is None:
+            n_ubatch = _FA_TILE_ROWS - 1 if shaped else n_batch
+        n_ubatch = min(n_ubatch, n_batch)
+        self._pad_lid = n_seq_max if shaped and n_ubatch > 1 else None
+        max_seq = llama_cpp.llama_max_parallel_sequences() - (self._pad_lid is not None)
+        if n_seq_max > max_seq:
+            llama_cpp.llama_model_free(model)
+            raise ValueError(f"n_seq_max must be at most {max_seq} here, got {n_seq_max}")
 
         cparams = llama_cpp.llama_context_default_params()
         cparams.n_ctx = n_ctx
