@@ -3,8 +3,10 @@
 Used by Hermes-2-Pro, Qwen2, Qwen2.5, Qwen3 and hearth's default ChatML template. Content text may
 come before the calls; several calls are consecutive blocks. Small Qwen models often leave the tags
 out under `tool_choice: auto` and write the same object in a ```json fenced block, or bare at the
-start of the reply; those count as calls too when every object in them names a known tool (as
-llama.cpp's Hermes parser reads them). Any other fence or object stays content, verbatim.
+start of the reply, sometimes in the doubled braces of Qwen2.5's template (`{{"name": ...}}`); those
+count as calls too when every object in them names a known tool (the shapes llama.cpp's Hermes 2 Pro
+parser takes). Any other fence or object stays content, verbatim; a ```json block whose body opens
+with "{" streams only once it closes, since only then is it known not to be a call.
 
     from hearth.serve.tool_parsers import hermes
     msg = hermes.parse('<tool_call>\\n{"name": "get_weather", "arguments": {"city": "Paris"}}\\n</tool_call>', tools)
