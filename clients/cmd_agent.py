@@ -35,8 +35,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--rag-index", default=None, help="a local RAG index (hearth rag ingest) to search and cite")
     run.add_argument("--rag-root", default=None, help="where the RAG indexes live (default $HEARTH_HOME/rag)")
     run.add_argument("--url", default=None, help="an OpenAI-compatible server (.../v1); default: start one here")
-    run.add_argument("--model", default=None, help="model name on that server")
-    run.add_argument("--model-path", default=None, help="without --url: the model to serve (GGUF or HF dir)")
+    run.add_argument("--model", default=None,
+                     help="with --url: the model name on that server; without: the model to serve here (a "
+                          "registered name such as qwen2.5-coder-1.5b-instruct, a GGUF or an HF dir)")
+    run.add_argument("--model-path", default=None, help="without --url: the model to serve (same as --model)")
     run.add_argument("--api-key", default=None)
     run.add_argument("--n", type=int, default=5, help="sampled paths for self_consistency")
     run.add_argument("--temperature", type=float, default=None)
@@ -121,6 +123,10 @@ def run_agent(args: argparse.Namespace) -> int:
         return asyncio.run(_run(args, args.url, args.model))
     from .local_serve import local_server
 
-    with local_server(args.model_path) as (base_url, name, key):
+    if args.model and args.model_path and args.model != args.model_path:
+        print("hearth: error: without --url, --model names the model to serve: give it or --model-path, "
+              "not both", file=sys.stderr)
+        return 2
+    with local_server(args.model_path or args.model) as (base_url, name, key):
         args.api_key = key
-        return asyncio.run(_run(args, base_url, args.model or name))
+        return asyncio.run(_run(args, base_url, name))

@@ -472,8 +472,8 @@ class LlamaCppBackend:
         (default: all cores); n_batch: most tokens per llama_decode; n_ubatch: tokens per compute
         graph (default n_batch; 63 for batch invariance with f16/f32 KV, see _FA_TILE_ROWS);
         n_gpu_layers: layers offloaded (-1: all); flash_attn: None lets llama.cpp decide (on CPU:
-        on); kv_type: "f16", "f32" or "q8_0" (default: q8_0 where batch_invariant applies and the head size is a multiple of 32, else
-        f16); prefix_cache: keep finished sequences for reuse; batch_invariant: on CPU, a
+        on); kv_type: "f16", "f32" or "q8_0" (default: q8_0 where batch_invariant applies and
+        the head size is a multiple of 32, else f16); prefix_cache: keep finished sequences for reuse; batch_invariant: on CPU, a
         sequence's logits do not depend on its batch company, nor a repeat's on what the cache
         held (on by default: with q8_0 KV it costs little, see bench/RESULTS.md "Reproducibility";
         with f16/f32 KV it pads lone tokens and shrinks ubatches, ~45% of single-stream decode)."""

@@ -65,3 +65,15 @@ def test_sandbox_flag_is_refused_in_one_line_where_the_kernel_cannot_confine(mon
     err = capsys.readouterr().err
     assert rc == 2
     assert err.strip() == "hearth: error: --sandbox: this kernel has no Landlock"
+
+
+def test_without_url_model_names_the_model_to_serve(tmp_path):
+    # a model other than the default, named by --model alone: it is the one served and asked
+    gguf = tmp_path / "my-model.gguf"
+    os.symlink(default_gguf(), gguf)
+    p = _hearth("agent", "run", "Say hi.", "--strategy", "plain", "--model", str(gguf), "--max-tokens", "8",
+                "--temperature", "0", "--json", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert json.loads(p.stdout)["stopped"] == "answer"
+    both = _hearth("agent", "run", "x", "--model", "a", "--model-path", "b", cwd=tmp_path)
+    assert both.returncode == 2 and "not both" in both.stderr
