@@ -41,24 +41,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_cluster(args: argparse.Namespace) -> int:
-    import logging
-
-    import ray
-
     from hearth.serve.config import load_config
-    from hearth.serve.placement import check_fits, describe, headroom
+    from hearth.serve.ray_app import plan_cluster
 
-    cfg = load_config(args.config)
-    ray.init(address=args.cluster, logging_level=logging.WARNING, log_to_driver=False)
-    try:
-        nodes = ray.nodes()
-        print(describe(cfg, nodes))
-        for note in (headroom(cfg, nodes), check_fits(cfg, nodes, ray.available_resources())):
-            if note:
-                print(note)
-        return 1 if check_fits(cfg, nodes, ray.available_resources()) else 0
-    finally:
-        ray.shutdown()
+    text, fits = plan_cluster(load_config(args.config), args.cluster)
+    print(text)
+    return 0 if fits else 1
 
 
 def run(args: argparse.Namespace) -> int:

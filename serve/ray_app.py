@@ -685,6 +685,21 @@ def cluster_problem(config: ServeConfig) -> str | None:
     return check_fits(config, nodes, ray.available_resources())
 
 
+def plan_cluster(config: ServeConfig, address: str) -> tuple[str, bool]:
+    """`hearth plan --cluster`: (where each replica would go on the cluster at `address`, with any note
+    or shortfall, whether they fit), from a driver that only looks."""
+    from .placement import check_fits, describe, headroom
+
+    ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+    try:
+        nodes, free = ray.nodes(), ray.available_resources()
+    finally:
+        ray.shutdown()
+    problem = check_fits(config, nodes, free)
+    lines = [describe(config, nodes)] + [n for n in (headroom(config, nodes), problem) if n]
+    return "\n".join(lines), problem is None
+
+
 def start(config: ServeConfig, address: str | None = None):
     """Start (or join) Ray and deploy; returns once every replica is up."""
     init_ray(config, address)
