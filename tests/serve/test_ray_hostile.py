@@ -112,10 +112,10 @@ def _queue_full(url: str) -> tuple[int, str, str | None]:
             "model": MODEL, "prompt": "Once upon a time", "max_tokens": max_tokens, "ignore_eos": True})
 
     with ThreadPoolExecutor(3) as pool:
-        waiting = [pool.submit(post, 300)]
-        time.sleep(1.0)  # decoding
+        waiting = [pool.submit(post, 500)]  # most of the 512-token context: several seconds even on a quiet CPU
+        time.sleep(0.5)  # decoding (a 4-token prompt); 500 tokens take 2.5 s or more at 200 tok/s
         waiting += [pool.submit(post, 2) for _ in range(2)]
-        time.sleep(1.0)  # waiting in the engine's queue, and at Ray's
+        time.sleep(0.5)  # waiting in the engine's queue, and at Ray's
         r = post(2)
         done = [f.result() for f in waiting]
     assert done[0].status_code == 200, done[0].text
